@@ -1,0 +1,44 @@
+"""tilefn: exact tile-by-tile (streamed) training and inference of CNNs on huge images.
+
+``backbone, streamed_vjp = tilefn.streamify(model, tile_size)``: ``backbone(x)`` equals
+``model(x)`` and its gradients are exact for every parameter, while peak memory depends on
+the tile size, not on the image size.
+"""
+
+from . import rules
+from ._api import Streamed, StreamedBackbone, plan, streamify
+from ._errors import (
+    InputError,
+    InputTypeError,
+    OptionError,
+    PlanError,
+    TileSizeError,
+    TilefnError,
+    TraceError,
+    UnsupportedLayerError,
+)
+from ._plan import Crop, Span, TilePlan
+from ._rules import register_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "streamify",
+    "plan",
+    "register_rule",
+    "rules",
+    "Streamed",
+    "StreamedBackbone",
+    "TilePlan",
+    "Crop",
+    "Span",
+    "TilefnError",
+    "UnsupportedLayerError",
+    "TileSizeError",
+    "InputError",
+    "InputTypeError",
+    "OptionError",
+    "TraceError",
+    "PlanError",
+    "__version__",
+]

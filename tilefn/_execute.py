@@ -1,0 +1,296 @@
+"""Run a :class:`TilePlan`: the streamed forward, the streamed vector-Jacobian product and
+the autograd function that connects them. Never plans; takes plans as given.
+
+Backward by linearity: the output positions are partitioned among the crops, so the
+parameter gradient ``J^T g`` is the sum over crops of the gradient of
+``<g restricted to the crop's block, f(crop)>``, which ordinary autograd computes exactly
+on the crop. Each crop is recomputed with autograd, backpropagated and freed before the
+next one, so only one crop graph is alive at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ._errors import PlanError
+from ._plan import Crop, TilePlan
+from ._trace import batchnorm_eval
+
+__all__ = ["Executor", "StreamedFunction"]
+
+
+@dataclass(frozen=True)
+class _AutocastState:
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @staticmethod
+    def capture(device_type: str) -> _AutocastState:
+        return _AutocastState(
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+
+    def apply(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+class Executor:
+    """Runs plans for one model with fixed options."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        verbose: bool,
+        deterministic: bool,
+        normalize: tuple[Sequence[float], Sequence[float]] | None,
+        device: torch.device | None,
+    ):
+        self.model = model
+        self.verbose = verbose
+        self.deterministic = deterministic
+        self.normalize = normalize
+        self.device = device
+
+    # ------------------------------------------------------------------ inputs
+
+    def compute_device(self, x: torch.Tensor) -> torch.device:
+        if self.device is not None:
+            return self.device
+        for p in self.model.parameters():
+            return p.device
+        return x.device
+
+    def compute_dtype(self, x: torch.Tensor | None) -> torch.dtype:
+        """The input's float dtype, else (uint8 or no input) the model's parameter dtype."""
+        if x is not None and x.is_floating_point():
+            return x.dtype
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    def read(
+        self, x: torch.Tensor, crop: Crop, requires_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model input for one crop, and the leaf whose gradient is the input gradient."""
+        index = (Ellipsis,) + tuple(slice(a, b) for a, b in crop.box)
+        raw = x[index].to(self.compute_device(x), non_blocking=True)
+        dtype = self.compute_dtype(x)
+        leaf = None
+        if requires_grad:
+            leaf = raw.detach().to(dtype).requires_grad_(True)
+            raw = leaf
+        if self.normalize is None:
+            return raw, leaf
+        crop_in = raw.to(dtype)
+        if not x.is_floating_point():
+            crop_in = crop_in / 255.0
+        mean, std = self.normalize
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean_t = torch.as_tensor(mean, dtype=dtype, device=crop_in.device).reshape(shape)
+        std_t = torch.as_tensor(std, dtype=dtype, device=crop_in.device).reshape(shape)
+        return (crop_in - mean_t) / std_t, leaf
+
+    # ------------------------------------------------------------------ helpers
+
+    def _crops(self, plan: TilePlan, what: str):
+        crops = plan.crops
+        if self.verbose:
+            from tqdm.auto import tqdm
+
+            return tqdm(crops, desc=f"tilefn {what}", unit="tile", leave=False)
+        return crops
+
+    @staticmethod
+    def _indices(plan: TilePlan, crop: Crop, o: int):
+        """(global index, local index) of output ``o``'s block in this crop, or None."""
+        dims = plan.output_spatial_dims[o]
+        ndim = len(plan.output_shapes[o])
+        dst: list[Any] = [slice(None)] * ndim
+        src: list[Any] = [slice(None)] * ndim
+        for k, (lo, hi) in enumerate(crop.blocks[o]):
+            if hi <= lo:
+                return None
+            start = crop.local_starts[o][k]
+            dst[dims[k]] = slice(lo, hi)
+            src[dims[k]] = slice(start, start + hi - lo)
+        return tuple(dst), tuple(src)
+
+    def _run(self, x_crop: torch.Tensor, plan: TilePlan, rng: _RngState | None) -> list:
+        if rng is not None:
+            rng.restore()
+        leaves = tree_flatten(self.model(x_crop))[0]
+        if len(leaves) != len(plan.output_shapes):  # pragma: no cover - checked by trace
+            raise PlanError("streamify: the model returned a different number of outputs")
+        return leaves
+
+    @staticmethod
+    def _check(plan: TilePlan, o: int, leaf: torch.Tensor, src) -> None:
+        shape = plan.output_shapes[o]
+        dims = set(plan.output_spatial_dims[o])
+        for i, (a, b) in enumerate(zip(leaf.shape, shape)):
+            if i in dims:
+                s = src[i]
+                if s.stop > a:
+                    raise PlanError(
+                        f"streamify: a crop's output {o} has size {a} along dim {i}, smaller "
+                        f"than planned ({s.stop}); please report this with the model."
+                    )
+            elif a != b:
+                raise PlanError(
+                    f"streamify: a crop's output {o} has shape {tuple(leaf.shape)}, which does "
+                    f"not match the planned {shape} outside the spatial dims."
+                )
+
+    # ------------------------------------------------------------------ forward / vjp
+
+    def forward(
+        self, x: torch.Tensor, plan: TilePlan, rng: _RngState | None = None
+    ) -> list[torch.Tensor]:
+        outs: list[torch.Tensor | None] = [None] * len(plan.output_shapes)
+        with torch.no_grad(), batchnorm_eval(self.model), _deterministic(self.deterministic):
+            for crop in self._crops(plan, "forward"):
+                x_crop, _ = self.read(x, crop, requires_grad=False)
+                leaves = self._run(x_crop, plan, rng)
+                for o, leaf in enumerate(leaves):
+                    if outs[o] is None:
+                        outs[o] = leaf.new_empty(plan.output_shapes[o])
+                    idx = self._indices(plan, crop, o)
+                    if idx is None:
+                        continue
+                    self._check(plan, o, leaf, idx[1])
+                    outs[o][idx[0]] = leaf[idx[1]]
+                del leaves, x_crop
+        return outs  # type: ignore[return-value]
+
+    def vjp(
+        self,
+        x: torch.Tensor,
+        plan: TilePlan,
+        cotangents: Sequence[torch.Tensor | None],
+        params: Sequence[torch.Tensor],
+        want_input: bool,
+        rng: _RngState | None = None,
+        autocast: _AutocastState | None = None,
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        input_grad = None
+        if want_input:
+            input_grad = torch.zeros(x.shape, dtype=self.compute_dtype(x), device=x.device)
+        with batchnorm_eval(self.model), _deterministic(self.deterministic):
+            for crop in self._crops(plan, "backward"):
+                owned = [
+                    (o, self._indices(plan, crop, o))
+                    for o, c in enumerate(cotangents)
+                    if c is not None
+                ]
+                owned = [(o, idx) for o, idx in owned if idx is not None]
+                if not owned:
+                    continue
+                with torch.enable_grad(), (
+                    autocast.apply() if autocast is not None else contextlib.nullcontext()
+                ):
+                    x_crop, leaf = self.read(x, crop, requires_grad=want_input)
+                    leaves = self._run(x_crop, plan, rng)
+                pieces, cots = [], []
+                for o, (dst, src) in owned:
+                    piece = leaves[o][src]
+                    if not piece.requires_grad:
+                        continue
+                    pieces.append(piece)
+                    cots.append(cotangents[o][dst].to(device=piece.device, dtype=piece.dtype))
+                if not pieces:
+                    continue
+                inputs = list(params) + ([leaf] if leaf is not None else [])
+                got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
+                for i, g in enumerate(got[: len(params)]):
+                    if g is None:
+                        continue
+                    grads[i] = g if grads[i] is None else grads[i].add_(g)
+                if leaf is not None and got[-1] is not None:
+                    index = (Ellipsis,) + tuple(slice(a, b) for a, b in crop.box)
+                    input_grad[index] += got[-1].to(input_grad.device)  # type: ignore[index]
+                del leaves, pieces, got, x_crop, leaf
+        return grads, input_grad
+
+
+class _RngState:
+    """The RNG state at the start of a streamed forward, replayed before every crop so that
+    per-sample randomness (stochastic depth, Dropout2d) draws the same in every crop and in
+    the recompute."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = None
+        self.device = device
+        if device.type == "cuda":
+            self.cuda = torch.cuda.get_rng_state(device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+@contextlib.contextmanager
+def preserve_rng(device: torch.device) -> Iterator[None]:
+    saved = _RngState(device)
+    try:
+        yield
+    finally:
+        saved.restore()
+
+
+class StreamedFunction(torch.autograd.Function):
+    """Autograd node of a streamed forward: inputs are ``x`` and the parameters, so that
+    ordinary accumulation into ``.grad`` (and DDP's hooks) happens for them."""
+
+    @staticmethod
+    def forward(ctx, executor: Executor, plan: TilePlan, x: torch.Tensor, *params: torch.Tensor):
+        device = executor.compute_device(x)
+        ctx.executor, ctx.plan, ctx.params = executor, plan, params
+        ctx.autocast = _AutocastState.capture(device.type)
+        ctx.rng = _RngState(device) if plan.uses_rng else None
+        ctx.save_for_backward(x)
+        ctx.set_materialize_grads(False)
+        return tuple(executor.forward(x, plan, ctx.rng))
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        (x,) = ctx.saved_tensors
+        want_input = ctx.needs_input_grad[2]
+        executor: Executor = ctx.executor
+        device = executor.compute_device(x)
+        with preserve_rng(device) if ctx.rng is not None else contextlib.nullcontext():
+            grads, input_grad = executor.vjp(
+                x, ctx.plan, cotangents, ctx.params, want_input, ctx.rng, ctx.autocast
+            )
+        return (None, None, input_grad, *grads)

@@ -1,0 +1,233 @@
+"""Pure integer geometry of local ops: how an output interval maps back to an input interval.
+
+Nothing here imports torch. Every op in a streamed network is described, per spatial
+dim, by a *dim map*: ``back(lo, hi, in_size)`` gives the input positions that output
+positions ``lo..hi`` (inclusive) read, and ``scale`` is the op's stride (input pixels per
+output pixel; a fraction for upsampling). Intervals are inclusive pairs ``(lo, hi)``; an
+interval with ``lo > hi`` is empty. ``back`` may return positions outside
+``[0, in_size)``: those are padding reads at a true border, and the planner uses them to
+force a crop onto the image border.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+__all__ = [
+    "Interval",
+    "DimMap",
+    "Identity",
+    "Window",
+    "TransposedWindow",
+    "Upsample",
+    "Reflect",
+    "hull",
+    "align_down",
+    "lcm_all",
+]
+
+Interval = tuple[int, int]
+
+
+def hull(a: Interval | None, b: Interval) -> Interval:
+    """Smallest interval containing both ``a`` and ``b`` (``a`` may be ``None``)."""
+    if a is None:
+        return b
+    return (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def align_down(value: int, step: int) -> int:
+    """Largest multiple of ``step`` that is ``<= value``."""
+    return (value // step) * step
+
+
+def lcm_all(values) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+class DimMap:
+    """Geometry of one op along one spatial dim."""
+
+    scale: Fraction = Fraction(1)
+
+    def back(self, lo: int, hi: int, in_size: int) -> Interval:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Identity(DimMap):
+    """Pointwise along this dim: output ``o`` reads input ``o``."""
+
+    scale: Fraction = Fraction(1)
+
+    def back(self, lo: int, hi: int, in_size: int) -> Interval:
+        return (lo, hi)
+
+
+@dataclass(frozen=True)
+class Window(DimMap):
+    """Convolution, pooling, padding and slicing: output ``o`` reads
+    ``[o*stride - padding, o*stride - padding + dilation*(kernel-1)]``.
+
+    ``tail`` is the number of input positions that must exist *after* the last read
+    position for the output position to exist at all (negative end padding, or a slice
+    whose end is relative to the end of the tensor).
+    """
+
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    tail: int = 0
+
+    @property
+    def scale(self) -> Fraction:  # type: ignore[override]
+        return Fraction(self.stride)
+
+    def back(self, lo: int, hi: int, in_size: int) -> Interval:
+        s, p = self.stride, self.padding
+        return (lo * s - p, hi * s - p + self.dilation * (self.kernel - 1) + self.tail)
+
+
+@dataclass(frozen=True)
+class TransposedWindow(DimMap):
+    """Transposed convolution: input ``i`` writes outputs ``i*stride - padding + [0, d*(k-1)]``."""
+
+    kernel: int
+    stride: int
+    padding: int
+    dilation: int
+    output_padding: int
+
+    @property
+    def scale(self) -> Fraction:  # type: ignore[override]
+        return Fraction(1, self.stride)
+
+    def back(self, lo: int, hi: int, in_size: int) -> Interval:
+        s, p, reach = self.stride, self.padding, self.dilation * (self.kernel - 1)
+        first = -((-(lo + p - reach)) // s)  # ceil((lo + p - reach) / s)
+        last = (hi + p) // s
+        # Output position ``hi`` only exists in a crop whose input is long enough.
+        exists = -((-(hi + 2 * p - reach - self.output_padding)) // s)
+        return (first, max(last, exists))
+
+
+@dataclass(frozen=True)
+class Upsample(DimMap):
+    """Upsampling by an integer factor (``align_corners=False``).
+
+    ``mode`` is one of ``nearest``, ``nearest-exact``, ``linear`` (also bilinear and
+    trilinear along each dim) and ``cubic``.
+    """
+
+    factor: int
+    mode: str
+
+    @property
+    def scale(self) -> Fraction:  # type: ignore[override]
+        return Fraction(1, self.factor)
+
+    def back(self, lo: int, hi: int, in_size: int) -> Interval:
+        f = self.factor
+        if self.mode == "nearest":
+            return (lo // f, hi // f)
+        if self.mode == "nearest-exact":
+            return ((2 * lo + 1) // (2 * f), (2 * hi + 1) // (2 * f))
+        # source coordinate (o + 0.5) / f - 0.5 = (2o + 1 - f) / (2f)
+        first = (2 * lo + 1 - f) // (2 * f)
+        last = (2 * hi + 1 - f) // (2 * f)
+        if self.mode == "linear":
+            return (first, last + 1)
+        if self.mode == "cubic":
+            return (first - 1, last + 2)
+        raise ValueError(f"unknown upsampling mode {self.mode!r}")  # internal: rules check modes
+
+
+@dataclass(frozen=True)
+class Reflect(DimMap):
+    """Reflection padding by ``(before, after)`` positions."""
+
+    before: int
+    after: int
+
+    def back(self, lo: int, hi: int, in_size: int) -> Interval:
+        p = self.before
+        first, last = lo - p, hi - p
+        if lo < p:  # reflected at the start: reads up to p - lo
+            last = max(last, p - lo)
+        if hi - p > in_size - 1:  # reflected at the end: reads down to 2(L-1) - (hi - p)
+            first = min(first, 2 * (in_size - 1) - (hi - p))
+        return (first, last)
+
+
+@dataclass(frozen=True)
+class Node:
+    """A tensor computed from the image: its size and its stride (input pixels per
+    position) along each spatial dim."""
+
+    sizes: tuple[int, ...]
+    scales: tuple[Fraction, ...]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One recorded op: for each spatial input node, one dim map per spatial dim."""
+
+    name: str
+    where: str
+    inputs: tuple[tuple[int, tuple[DimMap, ...]], ...]
+    outputs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The geometry of a network on one input shape: nodes in topological order
+    (node 0 is the input), the ops between them, and the output nodes."""
+
+    nodes: tuple[Node, ...]
+    ops: tuple[Op, ...]
+    outputs: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.nodes[0].sizes)
+
+    def alignment(self, k: int) -> int:
+        """Smallest crop-start step along dim ``k`` that keeps every tensor's sampling grid
+        aligned with the image's: the lcm of the numerators of all strides."""
+        return lcm_all(node.scales[k].numerator for node in self.nodes)
+
+    def back(self, k: int, blocks: dict[int, Interval]) -> tuple[dict[int, Interval], bool, bool]:
+        """Propagate needed output intervals along dim ``k`` back to every node.
+
+        Returns ``(needed, at_start, at_end)``: the needed interval of every node (clamped
+        to the node), and whether some node reads padding at the start / end of its
+        extent, in which case the crop must start at 0 / end at the image end.
+        """
+        need: dict[int, Interval] = dict(blocks)
+        at_start = at_end = False
+        for op in reversed(self.ops):
+            iv: Interval | None = None
+            for o in op.outputs:
+                if o in need:
+                    iv = hull(iv, need[o])
+            if iv is None:
+                continue
+            for node, maps in op.inputs:
+                size = self.nodes[node].sizes[k]
+                lo, hi = maps[k].back(iv[0], iv[1], size)
+                if lo < 0:
+                    at_start = True
+                    lo = 0
+                if hi > size - 1:
+                    at_end = True
+                    hi = size - 1
+                if lo > hi:
+                    continue
+                need[node] = hull(need.get(node), (lo, hi))
+        return need, at_start, at_end

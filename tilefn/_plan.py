@@ -1,0 +1,313 @@
+"""Tiling plans: which crops to run and which output positions each one owns.
+
+A plan is pure data computed from shapes only (the model is recorded on meta tensors,
+never run on the image). Along each spatial dim the image is cut at multiples of the
+network's alignment into blocks; every output (at its own stride) is partitioned by the
+same cuts, so each output position belongs to exactly one crop. A block's crop is the
+union of the receptive fields of its output positions, expanded to the alignment grid.
+Crops are the Cartesian product of the per-dim crops.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+from ._errors import PlanError, TileSizeError
+from ._geometry import Graph, align_down
+from ._trace import Trace, trace
+
+__all__ = ["Span", "Crop", "TilePlan", "make_plan"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tile along one spatial dim: the crop ``[start, stop)`` in input pixels, and for
+    each output the block ``[lo, hi)`` of output positions it owns."""
+
+    start: int
+    stop: int
+    blocks: tuple[tuple[int, int], ...]
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One tile: its crop box (``(start, stop)`` per spatial dim, input pixels) and, per
+    output, the owned block (``(lo, hi)`` per dim, global output positions) and the
+    block's start inside the crop's output."""
+
+    box: tuple[tuple[int, int], ...]
+    blocks: tuple[tuple[tuple[int, int], ...], ...]
+    local_starts: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How :func:`tilefn.streamify` tiles one input shape. Printable."""
+
+    input_shape: tuple[int, ...]
+    tile_size: tuple[int, ...]
+    alignment: tuple[int, ...]
+    spans: tuple[tuple[Span, ...], ...]
+    output_shapes: tuple[tuple[int, ...], ...]
+    output_strides: tuple[tuple[Fraction, ...], ...]
+    output_spatial_dims: tuple[tuple[int, ...], ...]
+    min_tile_size: tuple[int, ...]
+    crop_activation_bytes: int
+    memory_estimate: int
+    uses_rng: bool
+
+    @functools.cached_property
+    def crops(self) -> tuple[Crop, ...]:
+        out = []
+        for combo in itertools.product(*self.spans):
+            blocks, starts = [], []
+            for o, strides in enumerate(self.output_strides):
+                blocks.append(tuple(s.blocks[o] for s in combo))
+                starts.append(
+                    tuple(
+                        s.blocks[o][0] - int(Fraction(s.start) / strides[k])
+                        for k, s in enumerate(combo)
+                    )
+                )
+            out.append(Crop(tuple((s.start, s.stop) for s in combo), tuple(blocks), tuple(starts)))
+        return tuple(out)
+
+    @property
+    def n_tiles(self) -> int:
+        return math.prod(len(s) for s in self.spans)
+
+    @property
+    def overlap(self) -> float:
+        """Sum of crop volumes over image volume (the factor ``a`` of the cost model)."""
+        a = 1.0
+        for spans, size in zip(self.spans, self.input_shape[2:]):
+            a *= sum(s.length for s in spans) / size
+        return a
+
+    def __str__(self) -> str:
+        dims = "HW" if len(self.spans) == 2 else ("L" if len(self.spans) == 1 else "DHW")
+        lines = [
+            f"TilePlan(input {tuple(self.input_shape)}, tile_size {tuple(self.tile_size)}, "
+            f"alignment {tuple(self.alignment)})",
+        ]
+        for k, spans in enumerate(self.spans):
+            crops = " ".join(f"[{s.start}:{s.stop})" for s in spans)
+            lines.append(f"  dim {dims[k]}: {len(spans)} crops {crops}")
+        for o, shape in enumerate(self.output_shapes):
+            stride = ", ".join(str(s) for s in self.output_strides[o])
+            lines.append(f"  output {o}: shape {tuple(shape)}, stride ({stride})")
+        lines.append(
+            f"  {self.n_tiles} tiles, overlap a = {self.overlap:.3f}, "
+            f"minimum tile_size {tuple(self.min_tile_size)}, "
+            f"estimated peak memory {self.memory_estimate / 2**20:.1f} MiB"
+        )
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _blocks(graph: Graph, k: int, b0: int, b1: int, length: int) -> dict[int, tuple[int, int]]:
+    """Output positions owned by input cut ``[b0, b1)`` along dim ``k``, per output node
+    (half-open)."""
+    out = {}
+    for o in graph.outputs:
+        node = graph.nodes[o]
+        n, s = node.sizes[k], node.scales[k]
+        lo = 0 if b0 == 0 else min(math.ceil(b0 / s), n)
+        hi = n if b1 >= length else min(math.ceil(b1 / s), n)
+        out[o] = (lo, hi)
+    return out
+
+
+class _DimPlanner:
+    def __init__(self, graph: Graph, k: int, length: int, align: int):
+        self.graph, self.k, self.length, self.align = graph, k, length, align
+        self.cache: dict[tuple[int, int], tuple[int, int, dict] | None] = {}
+
+    def crop(self, b0: int, b1: int):
+        key = (b0, b1)
+        if key not in self.cache:
+            self.cache[key] = self._crop(b0, b1)
+        return self.cache[key]
+
+    def _crop(self, b0: int, b1: int):
+        blocks = _blocks(self.graph, self.k, b0, b1, self.length)
+        need_out = {o: (lo, hi - 1) for o, (lo, hi) in blocks.items() if hi > lo}
+        if not need_out:
+            return None
+        need, at_start, at_end = self.graph.back(self.k, need_out)
+        if 0 not in need:
+            return None
+        lo, hi = need[0]
+        start = 0 if at_start else align_down(lo, self.align)
+        if at_end:
+            stop = self.length
+        else:
+            stop = hi + 1 + (self.length - (hi + 1)) % self.align
+            stop = min(stop, self.length)
+        return start, stop, need
+
+    def length_of(self, b0: int, b1: int) -> int:
+        c = self.crop(b0, b1)
+        return 0 if c is None else c[1] - c[0]
+
+    def min_tile(self) -> int:
+        a, n = self.align, self.length
+        probes = {0, align_down(n // 2, a), align_down(max(n - 1, 0), a)}
+        return max(self.length_of(b, min(b + a, n)) for b in probes if b < n)
+
+    def spans(self, tile: int) -> list[tuple[Span, dict]]:
+        a, n = self.align, self.length
+        out = []
+        b = 0
+        while b < n:
+            cands = list(range(b + a, n, a)) + [n]
+            if self.length_of(b, cands[0]) > tile:
+                raise TileSizeError(str(self.min_tile()))
+            lo, hi = 0, len(cands) - 1  # largest index whose crop fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.length_of(b, cands[mid]) <= tile:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            c = cands[lo]
+            crop = self.crop(b, c)
+            if crop is not None:
+                start, stop, need = crop
+                blocks = _blocks(self.graph, self.k, b, c, n)
+                out.append(
+                    (Span(start, stop, tuple(blocks[o] for o in self.graph.outputs)), need)
+                )
+            b = c
+        return out
+
+
+def _check_crop_sizes(
+    graph: Graph, k: int, length: int, span: Span, need: dict, crop_graph: Graph
+) -> None:
+    for node_id, (lo, hi) in need.items():
+        full = graph.nodes[node_id]
+        crop = crop_graph.nodes[node_id]
+        offset = Fraction(span.start) / full.scales[k]
+        if offset.denominator != 1:  # pragma: no cover - alignment guarantees this
+            raise PlanError(f"internal: crop start {span.start} is not aligned")
+        off = int(offset)
+        size = crop.sizes[k]
+        ok = 0 <= lo - off and hi - off < size
+        if span.stop == length:
+            ok = ok and size == full.sizes[k] - off
+        if not ok:
+            raise PlanError(
+                f"streamify: the model's tensor sizes do not follow the crop along spatial "
+                f"dim {k}: a crop [{span.start}, {span.stop}) of an image of size {length} "
+                f"gives size {size} at an intermediate tensor where {full.sizes[k] - off} "
+                f"(positions {lo - off}..{hi - off}) were expected. The model computes sizes "
+                "or positions from the input size in a way tilefn cannot tile (absolute "
+                "slicing, size-dependent padding). Please report this with the model."
+            )
+
+
+def _as_tuple(tile_size, ndim: int) -> tuple[int, ...]:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, tuple, list)):
+        raise TileSizeError(
+            f"streamify: tile_size must be an int or a tuple of {ndim} ints, got "
+            f"{tile_size!r} ({type(tile_size).__name__})."
+        )
+    tiles = (tile_size,) * ndim if isinstance(tile_size, int) else tuple(tile_size)
+    if len(tiles) != ndim:
+        raise TileSizeError(
+            f"streamify: tile_size {tuple(tiles)} has {len(tiles)} entries, but the input has "
+            f"{ndim} spatial dims. Pass an int or a tuple of {ndim} ints."
+        )
+    for t in tiles:
+        if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+            raise TileSizeError(
+                f"streamify: tile_size entries must be positive ints, got {tuple(tiles)}."
+            )
+    return tiles
+
+
+def make_plan(
+    model: nn.Module, input_shape: Sequence[int], tile_size, dtype: torch.dtype = torch.float32
+) -> tuple[TilePlan, Trace]:
+    """Record ``model`` on meta tensors and tile ``input_shape`` with crops of at most
+    ``tile_size``. Returns the plan and the full-image trace."""
+    input_shape = tuple(int(s) for s in input_shape)
+    ndim = len(input_shape) - 2
+    tiles = _as_tuple(tile_size, ndim)
+    full = trace(model, input_shape, dtype)
+    graph = full.graph
+    lengths = input_shape[2:]
+    aligns = tuple(graph.alignment(k) for k in range(ndim))
+    planners = [_DimPlanner(graph, k, lengths[k], aligns[k]) for k in range(ndim)]
+    spans_needs = []
+    for k, planner in enumerate(planners):
+        try:
+            spans_needs.append(planner.spans(tiles[k]))
+        except TileSizeError as err:
+            minimum = int(str(err))
+            raise TileSizeError(
+                f"streamify: tile_size {tiles[k]} is too small along spatial dim {k} for this "
+                f"network (receptive field and alignment {aligns[k]}): crops need at least "
+                f"{minimum} px there. Use tile_size >= {minimum}"
+                + (f" (or a tuple with {minimum} in position {k})" if ndim > 1 else "")
+                + f" for input shape {input_shape}."
+            ) from None
+    spans = tuple(tuple(s for s, _ in sn) for sn in spans_needs)
+    # Check the sizes the model really produces on each distinct crop length.
+    base = [max(s.length for s in spans[k]) for k in range(ndim)]
+    crop_traces: dict[tuple[int, ...], Trace] = {}
+
+    def crop_trace(shape: tuple[int, ...]) -> Trace:
+        if shape not in crop_traces:
+            t = trace(model, input_shape[:2] + shape, dtype)
+            if t.op_names != full.op_names:
+                raise PlanError(
+                    f"streamify: the model runs different ops on a crop of spatial shape {shape} "
+                    f"than on the image {lengths}: its forward depends on the input size. "
+                    "tilefn needs a forward whose ops do not change with the image size."
+                )
+            crop_traces[shape] = t
+        return crop_traces[shape]
+
+    for k in range(ndim):
+        for span, need in spans_needs[k]:
+            shape = tuple(span.length if j == k else base[j] for j in range(ndim))
+            _check_crop_sizes(graph, k, lengths[k], span, need, crop_trace(shape).graph)
+    biggest = crop_trace(tuple(base))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    out_bytes = sum(math.prod(s) for s in full.out_shapes) * itemsize
+    estimate = (
+        2 * params
+        + math.prod(input_shape) * itemsize
+        + 2 * out_bytes
+        + 2 * biggest.activation_bytes
+    )
+    plan = TilePlan(
+        input_shape=input_shape,
+        tile_size=tiles,
+        alignment=aligns,
+        spans=spans,
+        output_shapes=full.out_shapes,
+        output_strides=tuple(graph.nodes[o].scales for o in graph.outputs),
+        output_spatial_dims=full.out_spatial_dims,
+        min_tile_size=tuple(min(p.min_tile(), lengths[k]) for k, p in enumerate(planners)),
+        crop_activation_bytes=biggest.activation_bytes,
+        memory_estimate=estimate,
+        uses_rng=full.uses_rng,
+    )
+    return plan, full

@@ -1,0 +1,297 @@
+"""Record a model's ops on a meta tensor and turn them into a geometry :class:`Graph`.
+
+The model runs once on a tensor on the ``meta`` device (shapes only, no data, no memory)
+under a ``TorchDispatchMode`` that sees every aten op, whether it comes from a module,
+a functional call, a tensor method or an operator. Every op that touches a tensor
+derived from the input is checked against its geometry rule (``_rules``); an op that
+is not local is refused with the module path it ran in. Parameters are never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from ._errors import TilefnError, TraceError, UnsupportedLayerError
+from ._geometry import Graph, Node, Op
+from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, ns
+
+__all__ = ["Trace", "trace", "batchnorm_eval"]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A recorded model on one input shape."""
+
+    graph: Graph
+    out_spec: TreeSpec
+    out_shapes: tuple[tuple[int, ...], ...]
+    out_spatial_dims: tuple[tuple[int, ...], ...]  # per output: tensor dim of each spatial dim
+    op_names: tuple[str, ...]  # every recorded op that touched the image, in order
+    activation_bytes: int  # bytes of all tensors computed from the image
+    uses_rng: bool
+
+
+@contextlib.contextmanager
+def batchnorm_eval(model: nn.Module) -> Iterator[None]:
+    """Run every BatchNorm layer with its running statistics, restoring ``training`` after."""
+    flipped = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    for m in flipped:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.training = True
+
+
+def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound: dict[str, Any] = {}
+    schema_args = func._schema.arguments
+    for arg, value in zip(schema_args, args):
+        bound[arg.name] = value
+    bound.update(kwargs)
+    for arg in schema_args:
+        if arg.name not in bound and arg.has_default_value():
+            bound[arg.name] = arg.default_value
+    return bound
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, ndim: int, stack: list[tuple[str, str]]):
+        super().__init__()
+        self.ndim = ndim
+        self.stack = stack
+        self.node_of: dict[int, int] = {}
+        self.layouts: list[Layout] = []
+        self.nodes: list[Node] = []
+        self.ops: list[Op] = []
+        self.keep: list[torch.Tensor] = []
+        self.activation_bytes = 0
+        self.uses_rng = False
+
+    def add_node(self, t: torch.Tensor, layout: Layout, node: Node) -> int:
+        self.nodes.append(node)
+        self.layouts.append(layout)
+        self.node_of[id(t)] = len(self.nodes) - 1
+        self.keep.append(t)
+        self.activation_bytes += t.numel() * t.element_size()
+        return len(self.nodes) - 1
+
+    def where(self) -> str:
+        return self.stack[-1][0] if self.stack else ""
+
+    def refuse(self, func: Any, err: Refuse) -> UnsupportedLayerError:
+        if self.stack:
+            path, cls = self.stack[-1]
+            layer = f"layer '{path or '<root>'}' ({cls}"
+            if len(self.stack) > 1 and self.stack[-2][0]:
+                layer += f", inside {self.stack[-2][1]} '{self.stack[-2][0]}'"
+            layer += ")"
+        else:
+            layer = "layer '<root>'"
+        msg = f"streamify: {layer} {err.why} (aten op {func})."
+        if err.fix:
+            msg += f" How to fix: {err.fix}."
+        msg += " See docs/limitations.md."
+        return UnsupportedLayerError(msg)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = torch.device("meta")
+        flat, spec = tree_flatten((args, kwargs))
+        meta_flat = [
+            a.to("meta") if isinstance(a, torch.Tensor) and a.device.type != "meta" else a
+            for a in flat
+        ]
+        margs, mkwargs = tree_unflatten(meta_flat, spec)
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.uses_rng = True
+        tensors = [(i, a) for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
+        spatial = [self.node_of.get(id(a)) for _, a in tensors]
+        if any(n is not None for n in spatial):
+            self._check_view_write(func, flat, tensors, spatial)
+        out = func(*margs, **mkwargs)
+        out_tensors = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        if not any(n is not None for n in spatial):
+            for o in out_tensors:  # a constant, also when written in place
+                self.node_of.pop(id(o), None)
+                self.keep.append(o)
+            return out
+        try:
+            self._record(func, args, kwargs, flat, spec, tensors, spatial, out_tensors)
+        except Refuse as err:
+            raise self.refuse(func, err) from None
+        return out
+
+    def _check_view_write(self, func, flat, tensors, spatial) -> None:
+        schema_args = func._schema.arguments
+        for (pos, t), node in zip(tensors, spatial):
+            if pos >= len(schema_args):
+                continue
+            info = schema_args[pos].alias_info
+            if info is not None and info.is_write and t._base is not None:
+                others = [n for (p, _), n in zip(tensors, spatial) if p != pos and n is not None]
+                if others or node is not None:
+                    raise self.refuse(
+                        func,
+                        Refuse(
+                            "writes image data in place into a view of another tensor "
+                            "(e.g. y[:, :, 1:-1] = x, or circular padding), which tilefn "
+                            "cannot follow",
+                            "build the tensor with torch.cat / F.pad instead of writing "
+                            "into slices",
+                        ),
+                    )
+
+    def _record(self, func, args, kwargs, flat, spec, tensors, spatial, out_tensors) -> None:
+        targs: list[TensorArg] = []
+        by_pos: dict[int, TensorArg] = {}
+        for j, ((pos, t), node) in enumerate(zip(tensors, spatial)):
+            ta = TensorArg(
+                j,
+                tuple(t.shape),
+                self.layouts[node] if node is not None else None,
+                self.nodes[node].sizes if node is not None else (),
+            )
+            targs.append(ta)
+            by_pos[pos] = ta
+        args_with_info = tree_unflatten([by_pos.get(i, a) for i, a in enumerate(flat)], spec)
+        bound = _bind(func, *args_with_info)
+        rule = get_rule(func)
+        if rule is None:
+            raise Refuse(
+                f"runs the op {func}, which has no geometry rule in tilefn",
+                "if the op is local (each output position reads a fixed window of input "
+                "positions), register a rule with tilefn.register_rule(torch.ops.aten.<op>, "
+                "rule) (tilefn.rules.pointwise for elementwise ops); otherwise move it into "
+                "the head",
+            )
+        call = OpCall(func, bound, targs, [tuple(o.shape) for o in out_tensors], self.ndim)
+        geom = rule(call)
+        if len(geom.out_layouts) != len(out_tensors):  # pragma: no cover - rule bug
+            raise Refuse(f"internal: rule for {func} returned a wrong number of layouts")
+        scales: tuple[Fraction, ...] | None = None
+        inputs = []
+        for ta, node in zip(targs, spatial):
+            if node is None:
+                continue
+            maps = geom.in_maps.get(ta.index)
+            if maps is None:
+                raise Refuse(f"internal: rule for {func} gave no geometry for a spatial input")
+            s = tuple(a * m.scale for a, m in zip(self.nodes[node].scales, maps))
+            if scales is not None and s != scales:
+                raise Refuse(
+                    "combines tensors at different resolutions of the image (their strides "
+                    f"differ: {[str(v) for v in scales]} vs {[str(v) for v in s]})"
+                )
+            scales = s
+            inputs.append((node, maps))
+        first_sizes = self.nodes[inputs[0][0]].sizes
+        outputs = []
+        for o, layout in zip(out_tensors, geom.out_layouts):
+            if layout is None:
+                self.node_of.pop(id(o), None)
+                self.keep.append(o)
+                continue
+            seen = sorted(a for dim in layout for a in dim if a >= 0)
+            if seen != list(range(self.ndim)):
+                raise Refuse(
+                    "mixes spatial positions with each other or drops a spatial dim",
+                    "move global operations into the head",
+                )
+            sizes = list(first_sizes)
+            for i, dim in enumerate(layout):
+                if len(dim) == 1 and dim[0] >= 0:
+                    sizes[dim[0]] = o.shape[i]
+            assert scales is not None
+            outputs.append(self.add_node(o, layout, Node(tuple(sizes), scales)))
+        self.ops.append(Op(str(func), self.where(), tuple(inputs), tuple(outputs)))
+
+
+@contextlib.contextmanager
+def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[None]:
+    names = {id(m): name for name, m in model.named_modules()}
+
+    def pre(module, args):
+        stack.append((names.get(id(module), type(module).__name__), type(module).__name__))
+
+    def post(module, args, output):
+        if stack:
+            stack.pop()
+
+    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = nn.modules.module.register_module_forward_hook(post, always_call=True)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> Trace:
+    """Record ``model`` on a meta tensor of ``input_shape``; BatchNorm uses running stats."""
+    ndim = len(input_shape) - 2
+    stack: list[tuple[str, str]] = []
+    rec = _Recorder(ndim, stack)
+    x = torch.empty(input_shape, device="meta", dtype=dtype)
+    layout: Layout = ((ns(input_shape[0]),), (ns(input_shape[1]),)) + tuple(
+        (k,) for k in range(ndim)
+    )
+    rec.add_node(x, layout, Node(tuple(input_shape[2:]), (Fraction(1),) * ndim))
+    rec.activation_bytes = 0
+    try:
+        with torch.no_grad(), batchnorm_eval(model), _module_paths(model, stack), rec:
+            out = model(x)
+    except TilefnError:
+        raise
+    except Exception as err:
+        raise TraceError(
+            f"streamify: could not record the model on a meta tensor of shape "
+            f"{tuple(input_shape)}: {type(err).__name__}: {err}. tilefn records the model's "
+            "ops without computing them; a forward that reads tensor values (.item(), "
+            "if x.sum() > 0, ...) cannot be streamed, and the model must accept this input "
+            "shape."
+        ) from err
+    leaves, out_spec = tree_flatten(out)
+    out_nodes, out_shapes, out_dims = [], [], []
+    for i, leaf in enumerate(leaves):
+        node = rec.node_of.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+        if node is None:
+            raise UnsupportedLayerError(
+                f"streamify: the model's output {i} is "
+                + ("not a tensor" if not isinstance(leaf, torch.Tensor) else "not computed from the input")
+                + f" ({type(leaf).__name__}). A streamed model must return tensors computed "
+                "from the image (a tensor, or a tuple/list/dict of them)."
+            )
+        lone = {dim[0]: j for j, dim in enumerate(rec.layouts[node]) if len(dim) == 1 and dim[0] >= 0}
+        if len(lone) != ndim:
+            raise UnsupportedLayerError(
+                f"streamify: the model's output {i} merges spatial dims with other dims "
+                f"(shape {tuple(leaf.shape)}). Return feature maps with their spatial dims "
+                "intact and reshape in the head."
+            )
+        out_nodes.append(node)
+        out_shapes.append(tuple(leaf.shape))
+        out_dims.append(tuple(lone[k] for k in range(ndim)))
+    graph = Graph(tuple(rec.nodes), tuple(rec.ops), tuple(out_nodes))
+    return Trace(
+        graph=graph,
+        out_spec=out_spec,
+        out_shapes=tuple(out_shapes),
+        out_spatial_dims=tuple(out_dims),
+        op_names=tuple(op.name for op in rec.ops),
+        activation_bytes=rec.activation_bytes,
+        uses_rng=rec.uses_rng,
+    )
