@@ -220,13 +220,13 @@ class Executor:
                 ):
                     x_crop, leaf = self.read(x, crop, requires_grad=want_input)
                     leaves = self._run(x_crop, plan, rng)
-                pieces, cots = [], []
-                for o, (dst, src) in owned:
-                    piece = leaves[o][src]
-                    if not piece.requires_grad:
-                        continue
-                    pieces.append(piece)
-                    cots.append(cotangents[o][dst].to(device=piece.device, dtype=piece.dtype))
+                    pieces, cots = [], []
+                    for o, (dst, src) in owned:
+                        piece = leaves[o][src]
+                        if piece.grad_fn is None:
+                            continue
+                        pieces.append(piece)
+                        cots.append(cotangents[o][dst].to(device=piece.device, dtype=piece.dtype))
                 if not pieces:
                     continue
                 inputs = list(params) + ([leaf] if leaf is not None else [])

@@ -758,6 +758,11 @@ def _like(call: OpCall) -> OpGeometry:
     return _same_layout(call)
 
 
+def _new_tensor(call: OpCall) -> OpGeometry:
+    """``x.new_zeros(shape)``: a tensor of an explicit shape, not computed from ``x``."""
+    return OpGeometry([None] * len(call.out_shapes))
+
+
 def _register_defaults() -> None:
     for packet in (
         aten._to_copy, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy,
@@ -776,6 +781,9 @@ def _register_defaults() -> None:
         register_rule(packet, _like)
     for packet in (aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias):
         register_rule(packet, _view)
+    for packet in (aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full,
+                   aten.new_empty_strided):
+        register_rule(packet, _new_tensor)
     register_rule(aten.permute, _permute)
     register_rule(aten.transpose, _transpose)
     register_rule(aten.t, _transpose)

@@ -100,7 +100,8 @@ class _Recorder(TorchDispatchMode):
             layer += ")"
         else:
             layer = "layer '<root>'"
-        msg = f"streamify: {layer} {err.why} (aten op {func})."
+        op = "" if str(func) in err.why else f" (aten op {func})"
+        msg = f"streamify: {layer} {err.why}{op}."
         if err.fix:
             msg += f" How to fix: {err.fix}."
         msg += " See docs/limitations.md."
