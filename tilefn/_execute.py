@@ -11,6 +11,7 @@ next one, so only one crop graph is alive at a time.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,8 +102,7 @@ class Executor:
         self, x: torch.Tensor, crop: Crop, requires_grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model input for one crop, and the leaf whose gradient is the input gradient."""
-        index = (Ellipsis,) + tuple(slice(a, b) for a, b in crop.box)
-        raw = x[index].to(self.compute_device(x), non_blocking=True)
+        raw = _gather(x, crop.box).to(self.compute_device(x), non_blocking=True)
         dtype = self.compute_dtype(x)
         leaf = None
         if requires_grad:
@@ -236,10 +236,57 @@ class Executor:
                         continue
                     grads[i] = g if grads[i] is None else grads[i].add_(g)
                 if leaf is not None and got[-1] is not None:
-                    index = (Ellipsis,) + tuple(slice(a, b) for a, b in crop.box)
-                    input_grad[index] += got[-1].to(input_grad.device)  # type: ignore[index]
+                    _scatter_add(input_grad, crop.box, got[-1])  # type: ignore[arg-type]
                 del leaves, pieces, got, x_crop, leaf
         return grads, input_grad
+
+
+def _segments(start: int, stop: int, size: int) -> list[tuple[int, int, int]]:
+    """Cut ``[start, stop)`` of a periodic dim of ``size`` into ``(lo, hi, local_lo)``
+    pieces that lie inside ``[0, size)``."""
+    out = []
+    pos = start
+    while pos < stop:
+        lo = pos % size
+        hi = min(size, lo + stop - pos)
+        out.append((lo, hi, pos - start))
+        pos += hi - lo
+    return out
+
+
+def _pieces(x: torch.Tensor, box: tuple[tuple[int, int], ...]):
+    """(image index, crop index) pairs covering a crop box that may wrap around the image
+    (circular padding)."""
+    first = x.dim() - len(box)
+    per_dim = [_segments(a, b, x.shape[first + k]) for k, (a, b) in enumerate(box)]
+    for combo in itertools.product(*per_dim):
+        img = (Ellipsis,) + tuple(slice(lo, hi) for lo, hi, _ in combo)
+        local = (Ellipsis,) + tuple(slice(ll, ll + hi - lo) for lo, hi, ll in combo)
+        yield img, local
+
+
+def _inside(x: torch.Tensor, box: tuple[tuple[int, int], ...]) -> bool:
+    first = x.dim() - len(box)
+    return all(0 <= a and b <= x.shape[first + k] for k, (a, b) in enumerate(box))
+
+
+def _gather(x: torch.Tensor, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    if _inside(x, box):
+        return x[(Ellipsis,) + tuple(slice(a, b) for a, b in box)]
+    first = x.dim() - len(box)
+    out = x.new_empty(x.shape[:first] + tuple(b - a for a, b in box))
+    for img, local in _pieces(x, box):
+        out[local] = x[img]
+    return out
+
+
+def _scatter_add(target: torch.Tensor, box: tuple[tuple[int, int], ...], g: torch.Tensor) -> None:
+    g = g.to(target.device)
+    if _inside(target, box):
+        target[(Ellipsis,) + tuple(slice(a, b) for a, b in box)] += g
+        return
+    for img, local in _pieces(target, box):
+        target[img] += g[local]
 
 
 class _RngState:

@@ -23,6 +23,7 @@ __all__ = [
     "TransposedWindow",
     "Upsample",
     "Reflect",
+    "Circular",
     "hull",
     "align_down",
     "lcm_all",
@@ -166,6 +167,18 @@ class Reflect(DimMap):
 
 
 @dataclass(frozen=True)
+class Circular(DimMap):
+    """Circular padding by ``(before, after)``: output ``o`` reads input ``o - before``,
+    wrapping around the image. Only exact when the whole dim is treated as periodic."""
+
+    before: int
+    after: int
+
+    def back(self, lo: int, hi: int, in_size: int) -> Interval:
+        return (lo - self.before, hi - self.before)
+
+
+@dataclass(frozen=True)
 class Node:
     """A tensor computed from the image: its size and its stride (input pixels per
     position) along each spatial dim."""
@@ -202,12 +215,23 @@ class Graph:
         aligned with the image's: the lcm of the numerators of all strides."""
         return lcm_all(node.scales[k].numerator for node in self.nodes)
 
-    def back(self, k: int, blocks: dict[int, Interval]) -> tuple[dict[int, Interval], bool, bool]:
+    def periodic(self, k: int) -> bool:
+        """Whether dim ``k`` is circularly padded somewhere, so the image is a torus."""
+        return any(
+            isinstance(maps[k], Circular) and (maps[k].before or maps[k].after)
+            for op in self.ops
+            for _, maps in op.inputs
+        )
+
+    def back(
+        self, k: int, blocks: dict[int, Interval], periodic: bool = False
+    ) -> tuple[dict[int, Interval], bool, bool]:
         """Propagate needed output intervals along dim ``k`` back to every node.
 
         Returns ``(needed, at_start, at_end)``: the needed interval of every node (clamped
         to the node), and whether some node reads padding at the start / end of its
-        extent, in which case the crop must start at 0 / end at the image end.
+        extent, in which case the crop must start at 0 / end at the image end. In a
+        ``periodic`` dim nothing is clamped: positions outside a node wrap around.
         """
         need: dict[int, Interval] = dict(blocks)
         at_start = at_end = False
@@ -221,6 +245,9 @@ class Graph:
             for node, maps in op.inputs:
                 size = self.nodes[node].sizes[k]
                 lo, hi = maps[k].back(iv[0], iv[1], size)
+                if periodic:
+                    need[node] = hull(need.get(node), (lo, hi))
+                    continue
                 if lo < 0:
                     at_start = True
                     lo = 0

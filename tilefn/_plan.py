@@ -20,8 +20,8 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ._errors import PlanError, TileSizeError
-from ._geometry import Graph, align_down
+from ._errors import PlanError, TileSizeError, UnsupportedLayerError
+from ._geometry import Circular, Graph, Identity, Upsample, Window, align_down
 from ._trace import Trace, trace
 
 __all__ = ["Span", "Crop", "TilePlan", "make_plan"]
@@ -132,8 +132,9 @@ def _blocks(graph: Graph, k: int, b0: int, b1: int, length: int) -> dict[int, tu
 
 
 class _DimPlanner:
-    def __init__(self, graph: Graph, k: int, length: int, align: int):
+    def __init__(self, graph: Graph, k: int, length: int, align: int, periodic: bool):
         self.graph, self.k, self.length, self.align = graph, k, length, align
+        self.periodic = periodic
         self.cache: dict[tuple[int, int], tuple[int, int, dict] | None] = {}
 
     def crop(self, b0: int, b1: int):
@@ -147,6 +148,16 @@ class _DimPlanner:
         need_out = {o: (lo, hi - 1) for o, (lo, hi) in blocks.items() if hi > lo}
         if not need_out:
             return None
+        whole = b0 == 0 and b1 >= self.length
+        if self.periodic and not whole:
+            # The image is a torus along this dim: the crop may wrap around its ends.
+            need, _, _ = self.graph.back(self.k, need_out, periodic=True)
+            if 0 not in need:
+                return None
+            lo, hi = need[0]
+            start = align_down(lo, self.align)
+            stop = start - (-(hi + 1 - start) // self.align) * self.align
+            return start, stop, need
         need, at_start, at_end = self.graph.back(self.k, need_out)
         if 0 not in need:
             return None
@@ -207,7 +218,7 @@ def _check_crop_sizes(
         off = int(offset)
         size = crop.sizes[k]
         ok = 0 <= lo - off and hi - off < size
-        if span.stop == length:
+        if span.stop == length and span.start >= 0:
             ok = ok and size == full.sizes[k] - off
         if not ok:
             raise PlanError(
@@ -217,6 +228,45 @@ def _check_crop_sizes(
                 f"(positions {lo - off}..{hi - off}) were expected. The model computes sizes "
                 "or positions from the input size in a way tilefn cannot tile (absolute "
                 "slicing, size-dependent padding). Please report this with the model."
+            )
+
+
+def _check_periodic(graph: Graph, k: int, length: int, align: int) -> None:
+    """Circular padding makes dim ``k`` a torus. Tiles of a torus are exact only if every
+    layer along ``k`` is periodic too: no zero/reflect padding, no size changes."""
+    padded = set()
+    for op in graph.ops:
+        for _, maps in op.inputs:
+            m = maps[k]
+            if isinstance(m, Circular):
+                padded.update(op.outputs)
+                continue
+            periodic = (
+                isinstance(m, Identity)
+                or (isinstance(m, Window) and m.padding == 0 and m.tail == 0)
+                or (isinstance(m, Upsample) and m.mode == "nearest")
+            )
+            if not periodic:
+                raise UnsupportedLayerError(
+                    f"streamify: layer '{op.where or '<root>'}' ({op.name}) handles the image "
+                    f"border along spatial dim {k} differently from the circular padding used "
+                    "elsewhere along that dim, so the image is neither a torus nor bounded "
+                    "there. How to fix: use padding_mode='circular' for every padded layer "
+                    "along this dim, or none at all. See docs/limitations.md."
+                )
+    if length % align:
+        raise UnsupportedLayerError(
+            f"streamify: circular padding along spatial dim {k} needs an image size divisible "
+            f"by the network's alignment {align}, got {length}. How to fix: crop or pad the "
+            f"image to a multiple of {align}. See docs/limitations.md."
+        )
+    for i, node in enumerate(graph.nodes):
+        if i not in padded and node.sizes[k] * node.scales[k] != length:
+            raise UnsupportedLayerError(
+                f"streamify: with circular padding along spatial dim {k}, every layer must keep "
+                f"the size image_size / stride; a tensor of size {node.sizes[k]} at stride "
+                f"{node.scales[k]} breaks this (image size {length}). How to fix: pad every "
+                "convolution circularly ('same' size). See docs/limitations.md."
             )
 
 
@@ -252,7 +302,13 @@ def make_plan(
     graph = full.graph
     lengths = input_shape[2:]
     aligns = tuple(graph.alignment(k) for k in range(ndim))
-    planners = [_DimPlanner(graph, k, lengths[k], aligns[k]) for k in range(ndim)]
+    periodic = [graph.periodic(k) for k in range(ndim)]
+    for k in range(ndim):
+        if periodic[k]:
+            _check_periodic(graph, k, lengths[k], aligns[k])
+    planners = [
+        _DimPlanner(graph, k, lengths[k], aligns[k], periodic[k]) for k in range(ndim)
+    ]
     spans_needs = []
     for k, planner in enumerate(planners):
         try:

@@ -16,13 +16,15 @@ from fractions import Fraction
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._errors import TilefnError, TraceError, UnsupportedLayerError
-from ._geometry import Graph, Node, Op
-from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, ns
+from ._geometry import Circular, DimMap, Graph, Identity, Node, Op
+from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, has_spatial, ns
 
 __all__ = ["Trace", "trace", "batchnorm_eval"]
 
@@ -79,6 +81,7 @@ class _Recorder(TorchDispatchMode):
         self.keep: list[torch.Tensor] = []
         self.activation_bytes = 0
         self.uses_rng = False
+        self.paused = False
 
     def add_node(self, t: torch.Tensor, layout: Layout, node: Node) -> int:
         self.nodes.append(node)
@@ -117,6 +120,10 @@ class _Recorder(TorchDispatchMode):
             for a in flat
         ]
         margs, mkwargs = tree_unflatten(meta_flat, spec)
+        if self.paused:
+            out = func(*margs, **mkwargs)
+            self.keep.append(out)
+            return out
         if torch.Tag.nondeterministic_seeded in func.tags:
             self.uses_rng = True
         tensors = [(i, a) for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
@@ -183,6 +190,11 @@ class _Recorder(TorchDispatchMode):
         geom = rule(call)
         if len(geom.out_layouts) != len(out_tensors):  # pragma: no cover - rule bug
             raise Refuse(f"internal: rule for {func} returned a wrong number of layouts")
+        if all(layout is None for layout in geom.out_layouts):
+            for o in out_tensors:  # constants made from the image's metadata, e.g. x.new_zeros
+                self.node_of.pop(id(o), None)
+                self.keep.append(o)
+            return
         scales: tuple[Fraction, ...] | None = None
         inputs = []
         for ta, node in zip(targs, spatial):
@@ -221,6 +233,62 @@ class _Recorder(TorchDispatchMode):
         self.ops.append(Op(str(func), self.where(), tuple(inputs), tuple(outputs)))
 
 
+    def circular_pad(self, x: torch.Tensor, pad: list[int], run) -> torch.Tensor:
+        """Record ``F.pad(x, pad, mode="circular")`` as one op (aten decomposes it into
+        in-place writes into slices)."""
+        self.paused = True
+        try:
+            out = run()
+        finally:
+            self.paused = False
+        node = self.node_of[id(x)]
+        layout = self.layouts[node]
+        n = len(pad) // 2
+        first = x.dim() - n
+        maps: list[DimMap] = [Identity()] * self.ndim
+        for i in range(first, x.dim()):
+            j = x.dim() - 1 - i  # F.pad lists the last dim first
+            before, after = pad[2 * j], pad[2 * j + 1]
+            dim = layout[i]
+            if not has_spatial(dim):
+                continue
+            if len(dim) != 1 or before < 0 or after < 0:
+                raise self.refuse(F.pad, Refuse("pads circularly a dim that merges spatial dims"))
+            maps[dim[0]] = Circular(before, after)
+        out_layout = tuple(
+            dim if has_spatial(dim) else (ns(out.shape[i]),) for i, dim in enumerate(layout)
+        )
+        sizes = list(self.nodes[node].sizes)
+        for i, dim in enumerate(out_layout):
+            if len(dim) == 1 and dim[0] >= 0:
+                sizes[dim[0]] = out.shape[i]
+        new = self.add_node(out, out_layout, Node(tuple(sizes), self.nodes[node].scales))
+        self.ops.append(Op("circular_pad", self.where(), ((node, tuple(maps)),), (new,)))
+        return out
+
+
+class _CircularPadMode(TorchFunctionMode):
+    """Sees ``F.pad(..., mode="circular")`` before aten decomposes it."""
+
+    def __init__(self, rec: _Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.pad:
+            names = ("input", "pad", "mode", "value")
+            bound = {**dict(zip(names, args)), **kwargs}
+            x = bound.get("input")
+            if (
+                bound.get("mode") == "circular"
+                and isinstance(x, torch.Tensor)
+                and id(x) in self.rec.node_of
+            ):
+                return self.rec.circular_pad(x, list(bound["pad"]), lambda: func(*args, **kwargs))
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[None]:
     names = {id(m): name for name, m in model.named_modules()}
@@ -253,7 +321,13 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) ->
     rec.add_node(x, layout, Node(tuple(input_shape[2:]), (Fraction(1),) * ndim))
     rec.activation_bytes = 0
     try:
-        with torch.no_grad(), batchnorm_eval(model), _module_paths(model, stack), rec:
+        with (
+            torch.no_grad(),
+            batchnorm_eval(model),
+            _module_paths(model, stack),
+            rec,
+            _CircularPadMode(rec),
+        ):
             out = model(x)
     except TilefnError:
         raise
