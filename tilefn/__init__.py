@@ -12,8 +12,8 @@ from ._errors import (
     InputTypeError,
     OptionError,
     PlanError,
-    TileSizeError,
     TilefnError,
+    TileSizeError,
     TraceError,
     UnsupportedLayerError,
 )

@@ -50,7 +50,7 @@ def plan(
     model: nn.Module,
     input_shape: Sequence[int],
     tile_size: TileSize,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> TilePlan:
     """The tiling plan of ``model`` on inputs of ``input_shape``, from shapes only.
 
@@ -62,7 +62,8 @@ def plan(
         model: The network to stream.
         input_shape: ``(N, C, *spatial)``.
         tile_size: Largest crop side in input pixels, an int or one int per spatial dim.
-        dtype: The compute dtype, used for the memory estimate.
+        dtype: The compute dtype, used for the memory estimate; defaults to the dtype of
+            the model's parameters.
 
     Example:
         >>> import torch, tilefn
@@ -72,6 +73,11 @@ def plan(
         (4, (2, 2))
     """
     shape = _check_shape(tuple(input_shape), "plan")
+    if dtype is None:
+        dtype = next(
+            (p.dtype for p in model.parameters() if p.is_floating_point()),
+            torch.get_default_dtype(),
+        )
     return _cached_plan(model, shape, tile_size, dtype)[0]
 
 
@@ -261,7 +267,12 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
         )
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"streamify: expected an nn.Module, got {type(model).__name__}.")
-    saliency = bool(options.get("saliency", False))
+    for name in ("saliency", "verbose", "deterministic"):
+        if not isinstance(options.get(name, False), bool):
+            raise OptionError(
+                f"streamify: option {name} must be True or False, got {options[name]!r}."
+            )
+    saliency = options.get("saliency", False)
     normalize = options.get("normalize")
     if normalize is not None:
         try:

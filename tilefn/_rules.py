@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ._errors import OptionError
 from ._geometry import DimMap, Identity, Reflect, TransposedWindow, Upsample, Window
 
 __all__ = [
@@ -154,9 +155,12 @@ def register_rule(op: Any, rule: Rule) -> None:
     elif isinstance(op, torch._ops.OpOverload):
         _RULES[op] = rule
     else:
-        raise TypeError(
-            f"register_rule: expected an aten op such as torch.ops.aten.gelu, got {op!r}"
+        raise OptionError(
+            f"register_rule: expected an aten op such as torch.ops.aten.gelu or "
+            f"torch.ops.aten.gelu.default, got {op!r}."
         )
+    if not callable(rule):
+        raise OptionError(f"register_rule: expected a callable rule, got {rule!r}.")
 
 
 def get_rule(func: Any) -> Rule | None:
