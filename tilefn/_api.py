@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._errors import InputError, InputTypeError, OptionError, TilefnError
-from ._execute import Executor, StreamedFunction, preserve_rng
-from ._plan import TilePlan, make_plan
+from ._errors import InputError, InputTypeError, OptionError
+from ._execute import Executor, RngState, StreamedFunction
+from ._plan import TilePlan, check_tile_size, make_plan
 from ._trace import Trace
 
 __all__ = ["Streamed", "StreamedBackbone", "streamify", "plan"]
@@ -111,6 +111,7 @@ class StreamedBackbone(nn.Module):
         object.__setattr__(self, "_non_persistent_buffers_set", model._non_persistent_buffers_set)
         self.tile_size = tile_size
         self._executor = executor
+        self._shown: set[int] = set()  # plans already printed (verbose)
 
     @property
     def model(self) -> nn.Module:
@@ -152,7 +153,11 @@ class StreamedBackbone(nn.Module):
         return self._plan(shape, dtype)[0]
 
     def _plan(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[TilePlan, Trace]:
-        return _cached_plan(self._model, shape, self.tile_size, dtype)
+        plan_, trace_ = _cached_plan(self._model, shape, self.tile_size, dtype)
+        if self._executor.verbose and id(plan_) not in self._shown:
+            self._shown.add(id(plan_))
+            print(plan_)
+        return plan_, trace_
 
     def forward(self, x: torch.Tensor) -> Any:
         x = self._prepare(x)
@@ -162,11 +167,7 @@ class StreamedBackbone(nn.Module):
         if needs_grad:
             outs = StreamedFunction.apply(self._executor, plan_, x, *params)
         else:
-            rng = None
-            if plan_.uses_rng:
-                from ._execute import _RngState
-
-                rng = _RngState(self._executor.compute_device(x))
+            rng = RngState(self._executor.compute_device(x)) if plan_.uses_rng else None
             outs = self._executor.forward(x, plan_, rng)
         return tree_unflatten(list(outs), trace_.out_spec)
 
@@ -188,25 +189,19 @@ class StreamedBackbone(nn.Module):
                     + "."
                 )
         named = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
-        rng = None
-        if plan_.uses_rng:
-            from ._execute import _RngState
-
-            rng = _RngState(self._executor.compute_device(x))
-        with preserve_rng(self._executor.compute_device(x)) if rng else _nullcontext():
+        # Replay the RNG state a forward from here would see, and leave it untouched.
+        rng = RngState(self._executor.compute_device(x)) if plan_.uses_rng else None
+        try:
             grads, input_grad = self._executor.vjp(
                 x, plan_, cots, [p for _, p in named], want_input=saliency, rng=rng
             )
+        finally:
+            if rng is not None:
+                rng.restore()
         param_grads = {
             n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)
         }
         return param_grads, input_grad
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed:
@@ -297,19 +292,11 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
         normalize=normalize,
         device=device,
     )
-    from ._plan import _as_tuple
-
-    if isinstance(tile_size, (list, tuple)):
-        _as_tuple(tuple(tile_size), len(tile_size))
-    elif not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size <= 0:
-        _as_tuple(tile_size, 1)
+    check_tile_size(tile_size)
     backbone = StreamedBackbone(model, tile_size, executor)
 
     def streamed_vjp(x: torch.Tensor, cotangent: Any):
         """``(param_grads, input_grad)`` of ``<cotangent, model(x)>``, tile by tile."""
-        try:
-            return backbone.vjp(x, cotangent, saliency=saliency)
-        except TilefnError:
-            raise
+        return backbone.vjp(x, cotangent, saliency=saliency)
 
     return Streamed(backbone, streamed_vjp)

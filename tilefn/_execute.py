@@ -24,7 +24,7 @@ from ._errors import PlanError
 from ._plan import Crop, TilePlan
 from ._trace import batchnorm_eval
 
-__all__ = ["Executor", "StreamedFunction"]
+__all__ = ["Executor", "RngState", "StreamedFunction"]
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Executor:
             src[dims[k]] = slice(start, start + hi - lo)
         return tuple(dst), tuple(src)
 
-    def _run(self, x_crop: torch.Tensor, plan: TilePlan, rng: _RngState | None) -> list:
+    def _run(self, x_crop: torch.Tensor, plan: TilePlan, rng: RngState | None) -> list:
         if rng is not None:
             rng.restore()
         leaves = tree_flatten(self.model(x_crop))[0]
@@ -173,7 +173,7 @@ class Executor:
     # ------------------------------------------------------------------ forward / vjp
 
     def forward(
-        self, x: torch.Tensor, plan: TilePlan, rng: _RngState | None = None
+        self, x: torch.Tensor, plan: TilePlan, rng: RngState | None = None
     ) -> list[torch.Tensor]:
         outs: list[torch.Tensor | None] = [None] * len(plan.output_shapes)
         with torch.no_grad(), batchnorm_eval(self.model), _deterministic(self.deterministic):
@@ -198,7 +198,7 @@ class Executor:
         cotangents: Sequence[torch.Tensor | None],
         params: Sequence[torch.Tensor],
         want_input: bool,
-        rng: _RngState | None = None,
+        rng: RngState | None = None,
         autocast: _AutocastState | None = None,
     ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -289,7 +289,7 @@ def _scatter_add(target: torch.Tensor, box: tuple[tuple[int, int], ...], g: torc
         target[img] += g[local]
 
 
-class _RngState:
+class RngState:
     """The RNG state at the start of a streamed forward, replayed before every crop so that
     per-sample randomness (stochastic depth, Dropout2d) draws the same in every crop and in
     the recompute."""
@@ -307,15 +307,6 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-@contextlib.contextmanager
-def preserve_rng(device: torch.device) -> Iterator[None]:
-    saved = _RngState(device)
-    try:
-        yield
-    finally:
-        saved.restore()
-
-
 class StreamedFunction(torch.autograd.Function):
     """Autograd node of a streamed forward: inputs are ``x`` and the parameters, so that
     ordinary accumulation into ``.grad`` (and DDP's hooks) happens for them."""
@@ -325,7 +316,7 @@ class StreamedFunction(torch.autograd.Function):
         device = executor.compute_device(x)
         ctx.executor, ctx.plan, ctx.params = executor, plan, params
         ctx.autocast = _AutocastState.capture(device.type)
-        ctx.rng = _RngState(device) if plan.uses_rng else None
+        ctx.rng = RngState(device) if plan.uses_rng else None
         ctx.save_for_backward(x)
         ctx.set_materialize_grads(False)
         return tuple(executor.forward(x, plan, ctx.rng))
@@ -336,8 +327,12 @@ class StreamedFunction(torch.autograd.Function):
         want_input = ctx.needs_input_grad[2]
         executor: Executor = ctx.executor
         device = executor.compute_device(x)
-        with preserve_rng(device) if ctx.rng is not None else contextlib.nullcontext():
+        saved = RngState(device) if ctx.rng is not None else None
+        try:
             grads, input_grad = executor.vjp(
                 x, ctx.plan, cotangents, ctx.params, want_input, ctx.rng, ctx.autocast
             )
+        finally:
+            if saved is not None:  # the recompute replays the forward's draws; undo that
+                saved.restore()
         return (None, None, input_grad, *grads)

@@ -192,7 +192,7 @@ class Op:
     """One recorded op: for each spatial input node, one dim map per spatial dim."""
 
     name: str
-    where: str
+    where: str  # the layer it ran in, for messages: "'path' (Class)"
     inputs: tuple[tuple[int, tuple[DimMap, ...]], ...]
     outputs: tuple[int, ...]
 

@@ -24,7 +24,7 @@ from ._errors import PlanError, TileSizeError, UnsupportedLayerError
 from ._geometry import Circular, Graph, Identity, Upsample, Window, align_down
 from ._trace import Trace, trace
 
-__all__ = ["Span", "Crop", "TilePlan", "make_plan"]
+__all__ = ["Span", "Crop", "TilePlan", "make_plan", "check_tile_size"]
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def _check_periodic(graph: Graph, k: int, length: int, align: int) -> None:
             )
             if not periodic:
                 raise UnsupportedLayerError(
-                    f"streamify: layer '{op.where or '<root>'}' ({op.name}) handles the image "
+                    f"streamify: layer {op.where} ({op.name}) handles the image "
                     f"border along spatial dim {k} differently from the circular padding used "
                     "elsewhere along that dim, so the image is neither a torus nor bounded "
                     "there. How to fix: use padding_mode='circular' for every padded layer "
@@ -268,6 +268,12 @@ def _check_periodic(graph: Graph, k: int, length: int, align: int) -> None:
                 f"{node.scales[k]} breaks this (image size {length}). How to fix: pad every "
                 "convolution circularly ('same' size). See docs/limitations.md."
             )
+
+
+def check_tile_size(tile_size) -> None:
+    """Check the type and sign of ``tile_size`` before the number of spatial dims is known."""
+    ndim = len(tile_size) if isinstance(tile_size, (list, tuple)) else 1
+    _as_tuple(tile_size, ndim)
 
 
 def _as_tuple(tile_size, ndim: int) -> tuple[int, ...]:

@@ -92,7 +92,9 @@ class _Recorder(TorchDispatchMode):
         return len(self.nodes) - 1
 
     def where(self) -> str:
-        return self.stack[-1][0] if self.stack else ""
+        """The current layer, as error messages name it: ``'path' (Class)``."""
+        path, cls = self.stack[-1] if self.stack else ("", "model")
+        return f"'{path or '<root>'}' ({cls})"
 
     def refuse(self, func: Any, err: Refuse) -> UnsupportedLayerError:
         if self.stack:
