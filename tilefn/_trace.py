@@ -311,6 +311,17 @@ def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[No
         h2.remove()
 
 
+@contextlib.contextmanager
+def _no_autocast() -> Iterator[None]:
+    """Autocast would cast the (real) parameters but not the meta input; geometry does not
+    depend on dtypes, so record without it."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
 def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> Trace:
     """Record ``model`` on a meta tensor of ``input_shape``; BatchNorm uses running stats."""
     ndim = len(input_shape) - 2
@@ -324,6 +335,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) ->
     rec.activation_bytes = 0
     try:
         with (
+            _no_autocast(),
             torch.no_grad(),
             batchnorm_eval(model),
             _module_paths(model, stack),
