@@ -75,24 +75,30 @@ class Window(DimMap):
     """Convolution, pooling, padding and slicing: output ``o`` reads
     ``[o*stride - padding, o*stride - padding + dilation*(kernel-1)]``.
 
-    ``tail`` is the number of input positions that must exist *after* the last read
-    position for the output position to exist at all (negative end padding, or a slice
-    whose end is relative to the end of the tensor).
+    ``padding`` is the padding before the first position and ``after`` the padding after
+    the last one (``None``: the same as ``padding``, as in a convolution). Negative values
+    trim: ``x[..., 2:-3]`` is ``Window(padding=-2, after=-3)``.
     """
 
     kernel: int = 1
     stride: int = 1
     padding: int = 0
     dilation: int = 1
-    tail: int = 0
+    after: int | None = None
 
     @property
     def scale(self) -> Fraction:  # type: ignore[override]
         return Fraction(self.stride)
 
     def back(self, lo: int, hi: int, in_size: int) -> Interval:
-        s, p = self.stride, self.padding
-        return (lo * s - p, hi * s - p + self.dilation * (self.kernel - 1) + self.tail)
+        s, p, reach = self.stride, self.padding, self.dilation * (self.kernel - 1)
+        after = p if self.after is None else self.after
+        # Besides the positions it reads, output ``o`` needs a crop in which it exists: one
+        # starting at or before ``o*s``, and long enough that the output (of length
+        # (L + padding + after - reach - 1) // s + 1) reaches ``o``.
+        first = min(lo * s - p, lo * s)
+        last = max(hi * s - p, hi * s - p - after) + reach
+        return (first, last)
 
 
 @dataclass(frozen=True)
@@ -113,9 +119,12 @@ class TransposedWindow(DimMap):
         s, p, reach = self.stride, self.padding, self.dilation * (self.kernel - 1)
         first = -((-(lo + p - reach)) // s)  # ceil((lo + p - reach) / s)
         last = (hi + p) // s
-        # Output position ``hi`` only exists in a crop whose input is long enough.
-        exists = -((-(hi + 2 * p - reach - self.output_padding)) // s)
-        return (first, max(last, exists))
+        # Output positions between the strided writes (kernel < stride) read nothing, but
+        # must exist in the crop: its input must start at or before floor(lo / s) and be
+        # long enough for position ``hi``.
+        exists_first = lo // s
+        exists_last = -((-(hi + 2 * p - reach - self.output_padding)) // s)
+        return (min(first, exists_first), max(last, exists_last))
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,10 @@ def _blocks(graph: Graph, k: int, b0: int, b1: int, length: int) -> dict[int, tu
     return out
 
 
+class _TooSmall(Exception):
+    """A cut point cannot advance with this tile size."""
+
+
 class _DimPlanner:
     def __init__(self, graph: Graph, k: int, length: int, align: int, periodic: bool):
         self.graph, self.k, self.length, self.align = graph, k, length, align
@@ -175,9 +179,18 @@ class _DimPlanner:
         return 0 if c is None else c[1] - c[0]
 
     def min_tile(self) -> int:
+        """The smallest tile with which every cut point can advance by one alignment step.
+
+        Away from the image borders every crop of one step has the same length (shifting
+        by the alignment shifts every tensor by whole positions), so probing the middle
+        and every cut within one crop length of either border is enough."""
         a, n = self.align, self.length
-        probes = {0, align_down(n // 2, a), align_down(max(n - 1, 0), a)}
-        return max(self.length_of(b, min(b + a, n)) for b in probes if b < n)
+        step = lambda b: self.length_of(b, min(b + a, n))
+        mid = align_down(n // 2, a)
+        reach = step(mid) + 2 * a
+        probes = {mid} | set(range(0, min(n, reach), a))
+        probes |= set(range(max(0, align_down(n - reach, a)), n, a))
+        return max(step(b) for b in probes)
 
     def spans(self, tile: int) -> list[tuple[Span, dict]]:
         a, n = self.align, self.length
@@ -186,7 +199,7 @@ class _DimPlanner:
         while b < n:
             cands = list(range(b + a, n, a)) + [n]
             if self.length_of(b, cands[0]) > tile:
-                raise TileSizeError(str(self.min_tile()))
+                raise _TooSmall()
             lo, hi = 0, len(cands) - 1  # largest index whose crop fits
             while lo < hi:
                 mid = (lo + hi + 1) // 2
@@ -223,11 +236,12 @@ def _check_crop_sizes(
         if not ok:
             raise PlanError(
                 f"streamify: the model's tensor sizes do not follow the crop along spatial "
-                f"dim {k}: a crop [{span.start}, {span.stop}) of an image of size {length} "
-                f"gives size {size} at an intermediate tensor where {full.sizes[k] - off} "
-                f"(positions {lo - off}..{hi - off}) were expected. The model computes sizes "
-                "or positions from the input size in a way tilefn cannot tile (absolute "
-                "slicing, size-dependent padding). Please report this with the model."
+                f"dim {k}: on the crop [{span.start}, {span.stop}) of an image of size "
+                f"{length}, an intermediate tensor has size {size}, but the crop needs its "
+                f"positions {lo - off}..{hi - off} (full-image size {full.sizes[k]}, crop "
+                f"offset {off}). The model computes sizes or positions from the input size "
+                "in a way tilefn cannot tile (absolute slicing, size-dependent padding). "
+                "Please report this with the model."
             )
 
 
@@ -243,7 +257,7 @@ def _check_periodic(graph: Graph, k: int, length: int, align: int) -> None:
                 continue
             periodic = (
                 isinstance(m, Identity)
-                or (isinstance(m, Window) and m.padding == 0 and m.tail == 0)
+                or (isinstance(m, Window) and m.padding == 0 and not m.after)
                 or (isinstance(m, Upsample) and m.mode == "nearest")
             )
             if not periodic:
@@ -279,8 +293,8 @@ def check_tile_size(tile_size) -> None:
 def _as_tuple(tile_size, ndim: int) -> tuple[int, ...]:
     if isinstance(tile_size, bool) or not isinstance(tile_size, (int, tuple, list)):
         raise TileSizeError(
-            f"streamify: tile_size must be an int or a tuple of {ndim} ints, got "
-            f"{tile_size!r} ({type(tile_size).__name__})."
+            f"streamify: tile_size must be an int or a tuple with one int per spatial dim, "
+            f"got {tile_size!r} ({type(tile_size).__name__})."
         )
     tiles = (tile_size,) * ndim if isinstance(tile_size, int) else tuple(tile_size)
     if len(tiles) != ndim:
@@ -291,7 +305,8 @@ def _as_tuple(tile_size, ndim: int) -> tuple[int, ...]:
     for t in tiles:
         if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
             raise TileSizeError(
-                f"streamify: tile_size entries must be positive ints, got {tuple(tiles)}."
+                f"streamify: tile_size must be a positive int (or a tuple of them), got "
+                f"{tile_size!r}."
             )
     return tiles
 
@@ -316,18 +331,19 @@ def make_plan(
         _DimPlanner(graph, k, lengths[k], aligns[k], periodic[k]) for k in range(ndim)
     ]
     spans_needs = []
-    for k, planner in enumerate(planners):
-        try:
+    try:
+        for k, planner in enumerate(planners):
             spans_needs.append(planner.spans(tiles[k]))
-        except TileSizeError as err:
-            minimum = int(str(err))
-            raise TileSizeError(
-                f"streamify: tile_size {tiles[k]} is too small along spatial dim {k} for this "
-                f"network (receptive field and alignment {aligns[k]}): crops need at least "
-                f"{minimum} px there. Use tile_size >= {minimum}"
-                + (f" (or a tuple with {minimum} in position {k})" if ndim > 1 else "")
-                + f" for input shape {input_shape}."
-            ) from None
+    except _TooSmall:
+        minimum = tuple(min(p.min_tile(), n) for p, n in zip(planners, lengths))
+        short = [k for k in range(ndim) if tiles[k] < minimum[k]] or [k]
+        need = minimum[0] if ndim == 1 else minimum
+        raise TileSizeError(
+            f"streamify: tile_size {tiles[0] if ndim == 1 else tiles} is too small for this "
+            f"network's receptive field along spatial dim{'s' if len(short) > 1 else ''} "
+            f"{', '.join(map(str, short))} (alignment {aligns[0] if ndim == 1 else aligns}). "
+            f"Use tile_size >= {need} for input shape {input_shape}."
+        ) from None
     spans = tuple(tuple(s for s, _ in sn) for sn in spans_needs)
     # Check the sizes the model really produces on each distinct crop length.
     base = [max(s.length for s in spans[k]) for k in range(ndim)]

@@ -371,7 +371,7 @@ def _slice(call: OpCall) -> OpGeometry:
     for s in call.spatial_inputs:
         ms = [Identity()] * call.ndim
         if s is t:
-            ms[k] = Window(padding=-start, tail=max(0, size - end))
+            ms[k] = Window(padding=-start, after=min(0, end - size))
         maps[s.index] = tuple(ms)
     return OpGeometry([tuple(layout)], maps)
 
@@ -658,7 +658,7 @@ def _constant_pad(call: OpCall) -> OpGeometry:
     for i, (dim, k) in enumerate(zip(t.layout, ks)):
         if k is not None and i >= first:
             before, after = pairs[i - first]
-            maps[k] = Window(padding=before, tail=max(0, -after))
+            maps[k] = Window(padding=before, after=after)
             layout.append(dim)
         elif k is not None:
             layout.append(dim)
@@ -686,7 +686,7 @@ def _border_pad(call: OpCall, reflect: bool) -> OpGeometry:
         before, after = pairs[j]
         if before < 0 or after < 0:
             raise Refuse("uses negative reflection/replication padding")
-        return Reflect(before, after) if reflect else Window(padding=before)
+        return Reflect(before, after) if reflect else Window(padding=before, after=after)
 
     return _window_maps(call, t, first, "padding", make)
 

@@ -181,12 +181,13 @@ class _Recorder(TorchDispatchMode):
         bound = _bind(func, *args_with_info)
         rule = get_rule(func)
         if rule is None:
+            namespace, name = func._schema.name.split("::")
             raise Refuse(
                 f"runs the op {func}, which has no geometry rule in tilefn",
                 "if the op is local (each output position reads a fixed window of input "
-                "positions), register a rule with tilefn.register_rule(torch.ops.aten.<op>, "
-                "rule) (tilefn.rules.pointwise for elementwise ops); otherwise move it into "
-                "the head",
+                f"positions), register a rule with tilefn.register_rule(torch.ops.{namespace}."
+                f"{name}, rule) (tilefn.rules.pointwise for elementwise ops); otherwise move "
+                "it into the head",
             )
         call = OpCall(func, bound, targs, [tuple(o.shape) for o in out_tensors], self.ndim)
         geom = rule(call)
@@ -312,14 +313,22 @@ def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[No
 
 
 @contextlib.contextmanager
-def _no_autocast() -> Iterator[None]:
-    """Autocast would cast the (real) parameters but not the meta input; geometry does not
-    depend on dtypes, so record without it."""
+def _recording_state() -> Iterator[None]:
+    """Autocast would cast the (real) parameters but not the meta input, and deterministic
+    mode changes decompositions; geometry depends on neither, so record without them."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast("cpu", enabled=False))
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
-        yield
+        # Deterministic mode swaps some kernels (bilinear upsampling) for decompositions
+        # into gathers; the geometry is the same, so record the plain kernels.
+        torch.use_deterministic_algorithms(False)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> Trace:
@@ -335,7 +344,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) ->
     rec.activation_bytes = 0
     try:
         with (
-            _no_autocast(),
+            _recording_state(),
             torch.no_grad(),
             batchnorm_eval(model),
             _module_paths(model, stack),
@@ -347,11 +356,11 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) ->
         raise
     except Exception as err:
         raise TraceError(
-            f"streamify: could not record the model on a meta tensor of shape "
-            f"{tuple(input_shape)}: {type(err).__name__}: {err}. tilefn records the model's "
-            "ops without computing them; a forward that reads tensor values (.item(), "
-            "if x.sum() > 0, ...) cannot be streamed, and the model must accept this input "
-            "shape."
+            f"streamify: could not record the model on an input of shape "
+            f"{tuple(input_shape)}: {type(err).__name__}: {err}. Check that the model accepts "
+            "this input shape (rank, channels, size). tilefn records the model's ops on a meta "
+            "tensor without computing values, so a forward that reads tensor values "
+            "(.item(), if x.sum() > 0) cannot be streamed."
         ) from err
     leaves, out_spec = tree_flatten(out)
     out_nodes, out_shapes, out_dims = [], [], []
