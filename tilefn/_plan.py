@@ -90,7 +90,11 @@ class TilePlan:
 
     @property
     def overlap(self) -> float:
-        """Sum of crop volumes over image volume (the factor ``a`` of the cost model)."""
+        """Sum of crop volumes over image volume (the factor ``a`` of the cost model).
+
+        At least 1 for a network that reads every pixel; below 1 only when strides larger
+        than kernels leave pixels that no output reads (crops hold only pixels that are
+        read)."""
         a = 1.0
         for spans, size in zip(self.spans, self.input_shape[2:]):
             a *= sum(s.length for s in spans) / size
