@@ -70,7 +70,7 @@ def plan(
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.MaxPool2d(2))
         >>> p = tilefn.plan(net, (1, 3, 256, 256), tile_size=128)
         >>> p.n_tiles, p.alignment
-        (4, (2, 2))
+        (9, (2, 2))
     """
     shape = _check_shape(tuple(input_shape), "plan")
     if dtype is None:
