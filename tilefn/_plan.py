@@ -190,9 +190,12 @@ class _DimPlanner:
         and every cut within one crop length of either border is enough."""
         a, n = self.align, self.length
         step = lambda b: self.length_of(b, min(b + a, n))
-        mid = align_down(n // 2, a)
-        reach = step(mid) + 2 * a
-        probes = {mid} | set(range(0, min(n, reach), a))
+        cuts = range(0, n, a)
+        if len(cuts) <= 1024:
+            return max(step(b) for b in cuts)
+        sample = cuts[:: len(cuts) // 16]
+        reach = max(step(b) for b in sample) + 2 * a
+        probes = set(sample) | set(range(0, min(n, reach), a))
         probes |= set(range(max(0, align_down(n - reach, a)), n, a))
         return max(step(b) for b in probes)
 
