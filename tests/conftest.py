@@ -109,3 +109,13 @@ def max_rel_error(actual: Any, expected: Any) -> float:
         scale = e.detach().abs().max().item() or 1.0
         worst = max(worst, (a.detach().double() - e.detach().double()).abs().max().item() / scale)
     return worst
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
