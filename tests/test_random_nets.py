@@ -373,12 +373,24 @@ def _materialize(case: dict[str, Any]) -> tuple[nn.Module, torch.Tensor]:
 
 def _plain_or_reject(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The plain model's output; reject the example when the plain model itself fails."""
+    # A max-pool window that lies wholly in the padding gives -inf, and its backward corrupts
+    # memory in PyTorch 2.14 ("double free or corruption", plain model alone, e.g.
+    # MaxPool2d((2, 1), padding=(1, 0), dilation=(2, 1)) on a height-1 input): reject those.
+    all_padding: list[bool] = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: all_padding.append(bool(o.isneginf().any())))
+        for m in model.modules()
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d))
+    ]
     try:
         with torch.no_grad():
             ref = model(x)
     except RuntimeError:  # e.g. image too small, reflect padding >= size
         assume(False)
-    assume(ref.numel() > 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assume(ref.numel() > 0 and not any(all_padding))
     return ref
 
 
@@ -397,12 +409,16 @@ def _stated_minimum(err: Exception, ndim: int) -> tuple[int, ...]:
 
 def assert_scaled_close(actual: Any, expected: torch.Tensor, what: str) -> None:
     assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual)}"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
+    # Random nets can produce -inf (max pooling over a window that lies in the padding) and
+    # then nan (gelu(-inf)); the streamed result must have them in the same places.
+    finite = expected[expected.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
     torch.testing.assert_close(
         actual,
         expected,
         rtol=0,
         atol=RTOL * scale + 1e-300,
+        equal_nan=True,
         msg=lambda m: f"{what}: {m}",
     )
 

@@ -602,6 +602,20 @@ ZOO: list[ZooEntry] = [
     ZooEntry("bn-eval-batch2-tuple-tile", bn_net(train=False), (2, 3, 121, 77), (48, 40)),
     ZooEntry("bn-train-batch2-tuple-tile", bn_net(train=True), (2, 3, 121, 77), (48, 40)),
     ZooEntry("list-outputs", lambda: _finish(ListOutputs()), (1, 3, 70, 90), 32),
+    ZooEntry(
+        "pixel-shuffle-unshuffle",
+        lambda: _finish(
+            _seq(
+                c1=nn.Conv2d(3, 8, 3, padding=1),
+                up=nn.PixelShuffle(2),
+                c2=nn.Conv2d(2, 8, 3, padding=1),
+                down=nn.PixelUnshuffle(2),
+                c3=nn.Conv2d(32, 4, 3, stride=2, padding=1),
+            )
+        ),
+        (2, 3, 37, 30),
+        16,
+    ),
     ZooEntry("smaller-than-tile", tiny_net, (2, 3, 40, 30), 64, min_tiles=1),
     # 1-D and 3-D
     ZooEntry("conv1d-train-bn", net1d(train=True), (2, 2, 301), 64, float32=True),

@@ -735,6 +735,17 @@ def _upsample(call: OpCall) -> OpGeometry:
     return _window_maps(call, t, first, "interpolation", lambda j: Upsample(factors[j], mode))
 
 
+def _pixel_shuffle(call: OpCall) -> OpGeometry:
+    """``pixel_shuffle`` moves channel blocks into an r x r neighbourhood (output ``o`` reads
+    input ``o // r``, like nearest upsampling); ``pixel_unshuffle`` is the inverse (a
+    stride-r window of size r)."""
+    t = call.args["self"]
+    shuffle = "unshuffle" not in call.name
+    r = call.args["upscale_factor" if shuffle else "downscale_factor"]
+    make = (lambda j: Upsample(r, "nearest")) if shuffle else (lambda j: Window(r, r))
+    return _window_maps(call, t, len(t.shape) - 2, "pixel shuffle", make)
+
+
 def _refuse_with(why: str, fix: str) -> Rule:
     def rule(call: OpCall) -> OpGeometry:
         raise Refuse(why, fix)
@@ -820,6 +831,8 @@ def _register_defaults() -> None:
                    aten.avg_pool2d, aten.avg_pool3d, aten.max_pool2d, aten.max_pool3d):
         register_rule(packet, _pool)
     register_rule(aten.constant_pad_nd, _constant_pad)
+    register_rule(aten.pixel_shuffle, _pixel_shuffle)
+    register_rule(aten.pixel_unshuffle, _pixel_shuffle)
     for packet in (aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d):
         register_rule(packet, _reflect_pad)
     for packet in (aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d):
