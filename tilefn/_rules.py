@@ -16,6 +16,7 @@ is spatial dim ``k`` of the image; an atom ``< 0`` is a non-spatial factor of si
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -627,10 +628,9 @@ def _convolution(call: OpCall) -> OpGeometry:
 
 def _pool(call: OpCall) -> OpGeometry:
     t = call.args["self"]
-    kernel = list(call.args["kernel_size"])
-    n = len(kernel) if len(kernel) > 1 else int(str(call.func).split("pool")[1][0])
-    kernel = _per_dim(kernel, n, 1)
-    stride = _per_dim(call.args.get("stride"), n, kernel) if call.args.get("stride") else kernel
+    n = int(re.search(r"pool(\d)d", call.name).group(1))  # type: ignore[union-attr]
+    kernel = _per_dim(call.args["kernel_size"], n, 1)
+    stride = _per_dim(call.args.get("stride"), n, kernel)  # empty stride means kernel
     padding = _per_dim(call.args.get("padding", 0), n, 0)
     dilation = _per_dim(call.args.get("dilation", 1), n, 1)
     first = len(t.shape) - n
