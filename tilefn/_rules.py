@@ -55,10 +55,6 @@ def has_spatial(dim: tuple[int, ...]) -> bool:
     return any(a >= 0 for a in dim)
 
 
-def plain_layout(shape: Sequence[int]) -> Layout:
-    return tuple((ns(s),) for s in shape)
-
-
 def canonical(dims: Sequence[Sequence[int]], sizes: Sequence[int]) -> Layout:
     """Merge adjacent non-spatial atoms and drop size-1 ones inside spatial dims."""
     out = []
@@ -104,10 +100,6 @@ class TensorArg:
     @property
     def spatial(self) -> bool:
         return self.layout is not None
-
-    def lone_dims(self) -> dict[int, int]:
-        """Spatial dim -> tensor dim, for spatial dims that are alone in their tensor dim."""
-        return {dim[0]: i for i, dim in enumerate(self.layout or ()) if len(dim) == 1 and dim[0] >= 0}
 
 
 @dataclass
