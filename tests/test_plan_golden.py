@@ -38,3 +38,15 @@ def test_conv1d_encoder_decoder_plan() -> None:
         nn.Conv1d(2, 4, 5, padding=2), nn.MaxPool1d(2), nn.ConvTranspose1d(4, 2, 2, stride=2)
     )
     assert str(tilefn.plan(net, (2, 2, 100), 40)) == CONV1D_100
+
+
+def test_plan_cache_keeps_recent_shapes_only() -> None:
+    from tilefn import _api
+
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1)).double()
+    backbone, _ = tilefn.streamify(net, 8)
+    for size in range(10, 10 + _api._PLANS_PER_MODEL + 6):
+        backbone(torch.zeros(1, 1, size, 9, dtype=torch.float64))
+    assert len(_api._PLAN_CACHE[net]) == _api._PLANS_PER_MODEL
+    last = (1, 1, 10 + _api._PLANS_PER_MODEL + 5, 9)
+    assert backbone.plan(last) is backbone.plan(last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,7 +32,8 @@ class Streamed(NamedTuple):
 
 
 # Plans are cached per model and input, so that tilefn.plan() and the backbone share them.
-_PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
+_PLANS_PER_MODEL = 64
 
 
 def _cached_plan(
@@ -40,9 +42,13 @@ def _cached_plan(
     flags = tuple(m.training for m in model.modules())
     tile_key = tile_size if isinstance(tile_size, int) else tuple(tile_size)
     key = (shape, tile_key, dtype, flags)
-    per_model = _PLAN_CACHE.setdefault(model, {})
-    if key not in per_model:
+    per_model = _PLAN_CACHE.setdefault(model, OrderedDict())
+    if key in per_model:
+        per_model.move_to_end(key)
+    else:
         per_model[key] = make_plan(model, shape, tile_size, dtype)
+        if len(per_model) > _PLANS_PER_MODEL:  # slides of many sizes: keep the recent ones
+            per_model.popitem(last=False)
     return per_model[key]
 
 
