@@ -100,3 +100,26 @@ def test_recompute_runs_under_the_forward_autocast_state() -> None:
         assert p.grad is not None and p.grad.dtype == torch.float32
         rel = (p.grad - g).norm() / g.norm()
         assert rel < 5e-2, rel
+
+
+def test_rng_advances_like_one_plain_forward_and_vjp_leaves_it_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout2d(0.5)).double().train()
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
+    backbone, streamed_vjp = tilefn.streamify(model, 16)
+
+    torch.manual_seed(1)
+    ref = model(x)
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(1)
+    out = backbone(x)  # 9 crops, each replaying the same draw
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(torch.get_rng_state(), after_plain)
+
+    before = torch.get_rng_state()
+    streamed_vjp(x, torch.ones_like(ref))
+    assert torch.equal(torch.get_rng_state(), before)
+    out = backbone(x.requires_grad_())
+    before = torch.get_rng_state()
+    out.sum().backward()  # the recompute replays the forward's draws, then restores
+    assert torch.equal(torch.get_rng_state(), before)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import InputError, InputTypeError, OptionError
-from ._execute import Executor, RngState, StreamedFunction
+from ._execute import Executor, RngState, StreamedFunction, model_dtype
 from ._plan import TilePlan, check_tile_size, make_plan
 from ._trace import Trace
 
@@ -79,12 +79,7 @@ def plan(
         (9, (2, 2))
     """
     shape = _check_shape(tuple(input_shape), "plan")
-    if dtype is None:
-        dtype = next(
-            (p.dtype for p in model.parameters() if p.is_floating_point()),
-            torch.get_default_dtype(),
-        )
-    return _cached_plan(model, shape, tile_size, dtype)[0]
+    return _cached_plan(model, shape, tile_size, dtype or model_dtype(model))[0]
 
 
 def _check_shape(shape: tuple[int, ...], api: str) -> tuple[int, ...]:
@@ -195,15 +190,11 @@ class StreamedBackbone(nn.Module):
                     + "."
                 )
         named = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
-        # Replay the RNG state a forward from here would see, and leave it untouched.
+        # Replay the RNG state a forward from here would see (vjp leaves it untouched).
         rng = RngState(self._executor.compute_device(x)) if plan_.uses_rng else None
-        try:
-            grads, input_grad = self._executor.vjp(
-                x, plan_, cots, [p for _, p in named], want_input=saliency, rng=rng
-            )
-        finally:
-            if rng is not None:
-                rng.restore()
+        grads, input_grad = self._executor.vjp(
+            x, plan_, cots, [p for _, p in named], want_input=saliency, rng=rng
+        )
         param_grads = {
             n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)
         }

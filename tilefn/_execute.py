@@ -24,7 +24,7 @@ from ._errors import PlanError
 from ._plan import Crop, TilePlan
 from ._trace import batchnorm_eval
 
-__all__ = ["Executor", "RngState", "StreamedFunction"]
+__all__ = ["Executor", "RngState", "StreamedFunction", "model_dtype"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,13 @@ class _AutocastState:
 
     def apply(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (else the default dtype)."""
+    return next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype()
+    )
 
 
 @contextlib.contextmanager
@@ -93,10 +100,7 @@ class Executor:
         """The input's float dtype, else (uint8 or no input) the model's parameter dtype."""
         if x is not None and x.is_floating_point():
             return x.dtype
-        for p in self.model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.get_default_dtype()
+        return model_dtype(self.model)
 
     def read(
         self, x: torch.Tensor, crop: Crop, requires_grad: bool
@@ -201,6 +205,16 @@ class Executor:
         rng: RngState | None = None,
         autocast: _AutocastState | None = None,
     ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        # The recompute replays the forward's draws from ``rng``; leave the caller's RNG as
+        # it was.
+        saved = RngState(rng.device) if rng is not None else None
+        try:
+            return self._vjp(x, plan, cotangents, params, want_input, rng, autocast)
+        finally:
+            if saved is not None:
+                saved.restore()
+
+    def _vjp(self, x, plan, cotangents, params, want_input, rng, autocast):
         grads: list[torch.Tensor | None] = [None] * len(params)
         input_grad = None
         if want_input:
@@ -282,9 +296,6 @@ def _gather(x: torch.Tensor, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
 
 def _scatter_add(target: torch.Tensor, box: tuple[tuple[int, int], ...], g: torch.Tensor) -> None:
     g = g.to(target.device)
-    if _inside(target, box):
-        target[(Ellipsis,) + tuple(slice(a, b) for a, b in box)] += g
-        return
     for img, local in _pieces(target, box):
         target[img] += g[local]
 
@@ -326,13 +337,7 @@ class StreamedFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         want_input = ctx.needs_input_grad[2]
         executor: Executor = ctx.executor
-        device = executor.compute_device(x)
-        saved = RngState(device) if ctx.rng is not None else None
-        try:
-            grads, input_grad = executor.vjp(
-                x, ctx.plan, cotangents, ctx.params, want_input, ctx.rng, ctx.autocast
-            )
-        finally:
-            if saved is not None:  # the recompute replays the forward's draws; undo that
-                saved.restore()
+        grads, input_grad = executor.vjp(
+            x, ctx.plan, cotangents, ctx.params, want_input, ctx.rng, ctx.autocast
+        )
         return (None, None, input_grad, *grads)

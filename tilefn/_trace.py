@@ -227,12 +227,9 @@ class _Recorder(TorchDispatchMode):
                     "mixes spatial positions with each other or drops a spatial dim",
                     "move global operations into the head",
                 )
-            sizes = list(first_sizes)
-            for i, dim in enumerate(layout):
-                if len(dim) == 1 and dim[0] >= 0:
-                    sizes[dim[0]] = o.shape[i]
             assert scales is not None
-            outputs.append(self.add_node(o, layout, Node(tuple(sizes), scales)))
+            sizes = _spatial_sizes(layout, o.shape, first_sizes)
+            outputs.append(self.add_node(o, layout, Node(sizes, scales)))
         self.ops.append(Op(str(func), self.where(), tuple(inputs), tuple(outputs)))
 
 
@@ -261,13 +258,20 @@ class _Recorder(TorchDispatchMode):
         out_layout = tuple(
             dim if has_spatial(dim) else (ns(out.shape[i]),) for i, dim in enumerate(layout)
         )
-        sizes = list(self.nodes[node].sizes)
-        for i, dim in enumerate(out_layout):
-            if len(dim) == 1 and dim[0] >= 0:
-                sizes[dim[0]] = out.shape[i]
-        new = self.add_node(out, out_layout, Node(tuple(sizes), self.nodes[node].scales))
+        sizes = _spatial_sizes(out_layout, out.shape, self.nodes[node].sizes)
+        new = self.add_node(out, out_layout, Node(sizes, self.nodes[node].scales))
         self.ops.append(Op("circular_pad", self.where(), ((node, tuple(maps)),), (new,)))
         return out
+
+
+def _spatial_sizes(layout: Layout, shape, inherited: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial sizes of a tensor: read from its shape where a spatial dim has a tensor dim of
+    its own, else (merged into a view's dim by a pointwise op) inherited from the input."""
+    sizes = list(inherited)
+    for i, dim in enumerate(layout):
+        if len(dim) == 1 and dim[0] >= 0:
+            sizes[dim[0]] = shape[i]
+    return tuple(sizes)
 
 
 class _CircularPadMode(TorchFunctionMode):
