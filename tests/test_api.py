@@ -370,3 +370,16 @@ def test_assert_streams_like() -> None:
     model, x = make_model(), image(1, 3, 48, 40)
     tilefn.testing.assert_streams_like(model, x, 24)
     tilefn.testing.assert_streams_like(model, x, (24, 16), rtol=0, atol=1e-10)
+
+
+def test_first_call_under_inference_mode_plans_and_matches():
+    """Lightning's validation and predict loops run under torch.inference_mode: planning a
+    new input shape there must still see every op (composite ops are not decomposed there)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, stride=2), torch.nn.ReLU()).double()
+    backbone, _ = tilefn.streamify(net, tile_size=24)
+    x = torch.randn(1, 1, 61, 53, dtype=torch.float64)
+    with torch.inference_mode():
+        got = backbone(x)
+        want = net(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -319,7 +319,8 @@ def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[No
 @contextlib.contextmanager
 def _recording_state() -> Iterator[None]:
     """Autocast would cast the (real) parameters but not the meta input, and deterministic
-    mode changes decompositions; geometry depends on neither, so record without them."""
+    mode changes decompositions; geometry depends on neither, so record without them.
+    """
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     with contextlib.ExitStack() as stack:
@@ -335,6 +336,9 @@ def _recording_state() -> Iterator[None]:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
+# Inference mode (Lightning's validation and predict loops) would hide the decomposition of
+# composite ops such as aten.conv2d from the recorder, so always record outside it.
+@torch.inference_mode(False)
 def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> Trace:
     """Record ``model`` on a meta tensor of ``input_shape``; BatchNorm uses running stats."""
     ndim = len(input_shape) - 2

@@ -1,0 +1,347 @@
+"""Lightning integration: a generic ``LightningModule`` for a streamed trunk and any head.
+
+This is the only module of tilefn that imports ``lightning`` (``pip install "tilefn[lightning]"``).
+
+The trunk runs tile by tile through :func:`tilefn.streamify`; the head runs as usual on the
+stitched feature map. Training uses manual optimization: ``self.manual_backward(loss)`` goes
+through ordinary autograd, and the streamed trunk's backward (recompute per crop) fills the
+trunk parameters' ``.grad`` through the same accumulation hooks a plain model would use. So
+mixed precision, gradient scaling, DDP's gradient all-reduce and checkpointing all work
+unchanged, with no hand-written synchronisation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    import lightning.pytorch as pl
+except ImportError as e:  # pragma: no cover - exercised only without the extra installed
+    raise ImportError(
+        "tilefn.lightning needs Lightning: pip install 'tilefn[lightning]' "
+        "(lightning>=2.2 and torchmetrics)."
+    ) from e
+
+from ._api import StreamedBackbone, TileSize, streamify
+from ._errors import OptionError
+
+__all__ = ["StreamedModule"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+_STAGES = ("train", "val", "test")
+
+
+class StreamedModule(pl.LightningModule):
+    """A ``LightningModule`` that trains ``head(trunk(x))`` with the trunk streamed.
+
+    Training runs with manual optimization (``automatic_optimization = False``): the forward
+    streams the trunk crop by crop and runs the head on the stitched output;
+    ``self.manual_backward(loss)`` backpropagates through the head as usual and through the
+    trunk by recomputing each crop (exact gradients for every trunk parameter). Validation,
+    test and prediction run the streamed forward only: no gradients, no crop graphs kept.
+
+    Args:
+        trunk: The local part of the network: a plain ``nn.Module`` (streamified here with
+            ``tile_size`` and ``stream_options``) or the backbone returned by
+            :func:`tilefn.streamify`.
+        head: Any module applied to the trunk's output (global pooling and a linear layer,
+            attention pooling, a per-pixel segmentation head, ...).
+        loss_fn: ``loss_fn(head_output, target) -> scalar tensor``.
+        tile_size: Largest crop side in input pixels; required when ``trunk`` is a plain module.
+        optimizer: Builds the optimizer from an iterable of parameters, for example
+            ``functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)``. Defaults to AdamW
+            with ``lr=1e-3``. Override :meth:`configure_optimizers` for anything fancier.
+        lr_scheduler: Builds a scheduler from the optimizer. It may return a scheduler (stepped
+            once per epoch) or a Lightning scheduler dict such as ``{"scheduler": s,
+            "interval": "step", "frequency": 1}``; ``ReduceLROnPlateau`` needs
+            ``"monitor": "val_loss"`` (or another logged metric).
+        metrics: A torchmetrics ``Metric``, ``MetricCollection`` or dict of metrics. It is
+            cloned for each stage and logged per epoch as ``train_*``, ``val_*`` and ``test_*``.
+            Metrics are updated with ``(head_output, target)``.
+        accumulate_grad_batches: Step the optimizer every this many batches (the gradients of
+            the batches in between add up; the loss is divided by this number). Pass it here,
+            not to the ``Trainer``: Lightning refuses it there under manual optimization. A
+            partial group at the end of an epoch is stepped too.
+        gradient_clip_val: Clip gradients to this value before each optimizer step (after
+            unscaling, under mixed precision). ``None`` disables clipping.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        freeze_trunk: Train the head only: the trunk's parameters stop requiring gradients,
+            the trunk stays in eval mode, and its streamed forward keeps no crop graphs.
+        **stream_options: Options for :func:`tilefn.streamify` (``verbose``,
+            ``deterministic``, ``normalize``, ``saliency``, ``device``) when ``trunk`` is a
+            plain module.
+
+    Batches are ``(image, target)`` pairs; override :meth:`unpack_batch` for other layouts.
+    Subclasses that override :meth:`train`, :meth:`on_before_optimizer_step` or
+    :meth:`on_train_epoch_end` must call ``super()``.
+
+    Example:
+        >>> import functools, torch, lightning, tilefn
+        >>> from torch import nn
+        >>> from tilefn.lightning import StreamedModule
+        >>> trunk = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU())
+        >>> head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> module = StreamedModule(trunk, head, nn.functional.cross_entropy, tile_size=64,
+        ...                         optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+        >>> module(torch.randn(1, 1, 128, 128)).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module | StreamedBackbone,
+        head: nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        tile_size: TileSize | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        metrics: Any = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        freeze_trunk: bool = False,
+        **stream_options: Any,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        if isinstance(trunk, StreamedBackbone):
+            # load_from_checkpoint passes the saved tile_size back: accept it when it agrees.
+            if stream_options or tile_size not in (None, trunk.tile_size):
+                raise OptionError(
+                    "StreamedModule: the trunk is already streamed (from tilefn.streamify), so "
+                    f"tile_size={tile_size!r} and stream options {sorted(stream_options)} "
+                    "cannot be applied here. Pass the plain trunk instead, or set them in "
+                    "streamify()."
+                )
+            backbone = trunk
+        elif isinstance(trunk, nn.Module):
+            if tile_size is None:
+                raise OptionError(
+                    "StreamedModule: tile_size is required when the trunk is a plain module, "
+                    "e.g. StreamedModule(trunk, head, loss_fn, tile_size=2048)."
+                )
+            backbone = streamify(trunk, tile_size, **stream_options).backbone
+        else:
+            raise OptionError(
+                f"StreamedModule: trunk must be an nn.Module, got {type(trunk).__name__}."
+            )
+        if not isinstance(head, nn.Module):
+            raise OptionError(
+                f"StreamedModule: head must be an nn.Module, got {type(head).__name__}. "
+                "Wrap a function in a module, e.g. nn.Sequential(...) or a small nn.Module."
+            )
+        if not callable(loss_fn):
+            raise OptionError(
+                f"StreamedModule: loss_fn must be callable (output, target) -> loss, got "
+                f"{type(loss_fn).__name__}."
+            )
+        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise OptionError(
+                "StreamedModule: accumulate_grad_batches must be a positive int, got "
+                f"{accumulate_grad_batches!r}."
+            )
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise OptionError(
+                "StreamedModule: gradient_clip_algorithm must be 'norm' or 'value', got "
+                f"{gradient_clip_algorithm!r}."
+            )
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise OptionError(
+                f"StreamedModule: gradient_clip_val must be positive or None, got "
+                f"{gradient_clip_val!r}."
+            )
+
+        self.trunk = backbone
+        self.head = head
+        self.loss_fn = loss_fn
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)
+        self.lr_scheduler_factory = lr_scheduler
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.freeze_trunk = freeze_trunk
+        self._pending = 0  # backward passes accumulated since the last optimizer step
+        self._monitors: dict[int, tuple[str, bool]] = {}  # scheduler id -> (metric, strict)
+        if freeze_trunk:
+            self.trunk.requires_grad_(False)
+            self.trunk.eval()
+        stage_metrics = _stage_metrics(metrics)
+        self.train_metrics = stage_metrics.get("train")
+        self.val_metrics = stage_metrics.get("val")
+        self.test_metrics = stage_metrics.get("test")
+        self.save_hyperparameters(
+            {
+                "tile_size": backbone.tile_size,
+                "accumulate_grad_batches": accumulate_grad_batches,
+                "gradient_clip_val": gradient_clip_val,
+                "gradient_clip_algorithm": gradient_clip_algorithm,
+                "freeze_trunk": freeze_trunk,
+            }
+        )
+
+    # --- model ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """``head(trunk(x))``, the trunk streamed tile by tile."""
+        return self.head(self.trunk(x))
+
+    def unpack_batch(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        """Split a batch into ``(image, target)``. Override for other batch layouts."""
+        if isinstance(batch, Mapping):
+            return batch["image"], batch.get("target")
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[0], batch[1]
+        raise TypeError(
+            "StreamedModule: expected batches of (image, target) or dicts with 'image' and "
+            f"'target', got {type(batch).__name__}. Override unpack_batch() for other layouts."
+        )
+
+    def train(self, mode: bool = True) -> StreamedModule:
+        """Switch train/eval mode; a frozen trunk stays in eval mode."""
+        super().train(mode)
+        if self.freeze_trunk:
+            self.trunk.eval()
+        return self
+
+    # --- optimization -----------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+        config.setdefault("interval", "epoch")
+        # Under manual optimization Lightning ignores (and warns about) "monitor": the
+        # schedulers are stepped here, so keep the monitored metric name ourselves.
+        monitor = config.pop("monitor", None)
+        if monitor is not None:
+            self._monitors[id(config["scheduler"])] = (monitor, config.pop("strict", True))
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = self.unpack_batch(batch)
+        out = self(x)
+        loss = self.loss_fn(out, y)
+        self.manual_backward(loss / self.accumulate_grad_batches)
+        self._pending += 1
+        if self._pending == self.accumulate_grad_batches:
+            self._optimizer_step()
+        self._log("train", loss, out, y, x.shape[0])
+        return loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        if self._pending:  # a partial accumulation group at the end of the epoch
+            self._optimizer_step()
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == "epoch" and (self.current_epoch + 1) % config.frequency == 0:
+                self._step_scheduler(config)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this after unscaling the gradients (mixed precision): clip here.
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm,
+            )
+
+    def _optimizer_step(self) -> None:
+        optimizer = self.optimizers()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._pending = 0
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == "step" and self.trainer.global_step % config.frequency == 0:
+                self._step_scheduler(config)
+
+    def _step_scheduler(self, config: Any) -> None:
+        scheduler = config.scheduler
+        monitor, strict = self._monitors.get(id(scheduler), (config.monitor, config.strict))
+        if monitor is None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise OptionError(
+                    "StreamedModule: ReduceLROnPlateau needs a metric: return "
+                    '{"scheduler": scheduler, "monitor": "val_loss"} from lr_scheduler.'
+                )
+            scheduler.step()
+            return
+        value = self.trainer.callback_metrics.get(monitor)
+        if value is None:
+            if strict:
+                raise RuntimeError(
+                    f"StreamedModule: the scheduler monitors {monitor!r}, which has not been "
+                    f"logged; logged so far: {sorted(self.trainer.callback_metrics)}."
+                )
+            return
+        scheduler.step(value)
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._evaluate("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._evaluate("test", batch)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        if isinstance(batch, torch.Tensor):
+            x = batch
+        elif isinstance(batch, (tuple, list)) and len(batch) == 1:  # TensorDataset of images
+            x = batch[0]
+        else:
+            x = self.unpack_batch(batch)[0]
+        return self(x)
+
+    def _evaluate(self, stage: str, batch: Any) -> torch.Tensor:
+        x, y = self.unpack_batch(batch)
+        out = self(x)
+        loss = self.loss_fn(out, y)
+        self._log(stage, loss, out, y, x.shape[0])
+        return loss
+
+    def _log(self, stage: str, loss: torch.Tensor, out: Any, y: Any, batch_size: int) -> None:
+        self.log(
+            f"{stage}_loss",
+            loss.detach(),
+            prog_bar=True,
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=True,
+        )
+        metrics = getattr(self, f"{stage}_metrics")
+        if metrics is not None:
+            metrics.update(_detached(out), y)
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+
+
+def _detached(out: Any) -> Any:
+    return out.detach() if isinstance(out, torch.Tensor) else out
+
+
+def _stage_metrics(metrics: Any) -> dict[str, nn.Module]:
+    """One metric collection per stage, with prefixes ``train_``, ``val_`` and ``test_``."""
+    if metrics is None:
+        return {}
+    try:
+        from torchmetrics import Metric, MetricCollection
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("StreamedModule(metrics=...) needs torchmetrics.") from e
+    if isinstance(metrics, Metric | Mapping) and not isinstance(metrics, MetricCollection):
+        metrics = MetricCollection(metrics if isinstance(metrics, Mapping) else [metrics])
+    if not isinstance(metrics, MetricCollection):
+        raise OptionError(
+            "StreamedModule: metrics must be a torchmetrics Metric, MetricCollection or dict of "
+            f"Metrics, got {type(metrics).__name__}."
+        )
+    return {stage: metrics.clone(prefix=f"{stage}_") for stage in _STAGES}
