@@ -1,6 +1,6 @@
 """Two-process DDP run of the Lightning adapter on CPU (gloo), for tests/test_lightning.py.
 
-``python tests/lightning_ddp_worker.py OUT_DIR`` trains one step with
+``python tests/lightning_ddp_worker.py OUT_DIR [ACCUMULATE]`` trains one optimizer step with
 ``Trainer(accelerator="cpu", devices=2, strategy="ddp")`` (Lightning relaunches this script
 once per extra rank) and writes the gradients each rank sees before its optimizer step to
 ``OUT_DIR/grads_rank{r}.pt``. The model and data builders are imported by the test to compute
@@ -43,7 +43,7 @@ def make_data():
     return x, y
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, accumulate: int) -> None:
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -59,7 +59,7 @@ def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     module = Recording(
         make_trunk(), make_head(), nn.functional.cross_entropy, tile_size=40,
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1), accumulate_grad_batches=accumulate,
     )
     x, y = make_data()
     # Lightning adds a DistributedSampler: rank 0 reads images 0, 2; rank 1 reads 1, 3.
@@ -72,4 +72,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1)

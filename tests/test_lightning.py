@@ -282,6 +282,29 @@ def test_bf16_mixed_precision_on_cpu():
 
 # Lightning asks for the ModelCheckpoint callback again when resuming; not needed here.
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
+def test_fp16_grad_scaler_unscales_before_clipping():
+    """fp16 with a GradScaler (what precision="16-mixed" does on GPU), here on CPU: the
+    gradients that clipping and the optimizer see are unscaled, and equal the plain model's."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    trunk, head = make_trunk(torch.float32), make_head(torch.float32)
+    x, y = make_data(n=1, dtype=torch.float32)
+    want = plain_grads(trunk, head, x, y)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want.values()]))
+    scale = 2.0**12
+    module = Recording(
+        trunk, head, nn.functional.cross_entropy, tile_size=TILE, optimizer=sgd(),
+        gradient_clip_val=float(10 * norm),  # far above the true norm, far below the scaled one
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer(max_steps=1, plugins=[plugin]).fit(module, loader(x, y))
+    got = module.seen_grads[0]
+    for name in want:  # neither scaled (x 4096) nor clipped; fp16 rounding only
+        err = (got[name] - want[name]).abs().max() / want[name].abs().max()
+        assert err < 2e-2, f"{name}: {err:.2e}"
+
+
 def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     x, y = make_data(n=3)
     adam = functools.partial(torch.optim.Adam, lr=1e-2)
@@ -360,12 +383,14 @@ def test_bad_arguments_raise_clear_errors():
 DDP_SCRIPT = Path(__file__).with_name("lightning_ddp_worker.py")
 
 
-def test_ddp_two_processes_match_single_process_gradients(tmp_path):
-    """Trainer(devices=2, strategy="ddp") on CPU (gloo): after one step each rank holds the
-    gradient of the mean loss over the global batch of 2 images, as one process would."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ddp_two_processes_match_single_process_gradients(tmp_path, accumulate):
+    """Trainer(devices=2, strategy="ddp") on CPU (gloo): after one optimizer step each rank
+    holds the gradient of the mean loss over the global batch (2 images per accumulated
+    batch), as one process would compute it."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, str(DDP_SCRIPT), str(tmp_path)],
+        [sys.executable, str(DDP_SCRIPT), str(tmp_path), str(accumulate)],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -376,7 +401,8 @@ def test_ddp_two_processes_match_single_process_gradients(tmp_path):
         sys.path.pop(0)
     trunk, head = worker.make_trunk(), worker.make_head()
     x, y = worker.make_data()
-    want = plain_grads(trunk, head, x[:2], y[:2])  # mean over images 0 and 1: the global batch
+    n = 2 * accumulate  # rank 0 reads images 0, 2; rank 1 reads 1, 3
+    want = plain_grads(trunk, head, x[:n], y[:n])  # the mean loss over the global batch
     for rank in (0, 1):
         got = torch.load(tmp_path / f"grads_rank{rank}.pt")
         assert_grads_close(got, want)
