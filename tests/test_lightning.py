@@ -280,8 +280,6 @@ def test_bf16_mixed_precision_on_cpu():
         assert err < 3e-2, f"{name}: {err:.2e}"
 
 
-# Lightning asks for the ModelCheckpoint callback again when resuming; not needed here.
-@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
 def test_fp16_grad_scaler_unscales_before_clipping():
     """fp16 with a GradScaler (what precision="16-mixed" does on GPU), here on CPU: the
     gradients that clipping and the optimizer see are unscaled, and equal the plain model's."""
@@ -305,6 +303,8 @@ def test_fp16_grad_scaler_unscales_before_clipping():
         assert err < 2e-2, f"{name}: {err:.2e}"
 
 
+# Lightning asks for the ModelCheckpoint callback again when resuming; not needed here.
+@pytest.mark.filterwarnings("ignore:Be aware that when using:UserWarning")
 def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     x, y = make_data(n=3)
     adam = functools.partial(torch.optim.Adam, lr=1e-2)
