@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import tilefn
+import tilefn.testing
 
 DTYPE = torch.float64
 TOL = {"rtol": 0.0, "atol": 1e-10}
@@ -383,3 +384,21 @@ def test_first_call_under_inference_mode_plans_and_matches():
         got = backbone(x)
         want = net(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_assert_streams_like_on_a_checkpointed_model_with_batchnorm_in_train_mode():
+    """The reference backward recomputes checkpointed blocks; BatchNorm must stay on running
+    statistics there too (it did not: CheckpointError)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return checkpoint(lambda t: self.bn(self.conv(t)), x, use_reentrant=False)
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    tilefn.testing.assert_streams_like(Net().double().train(), x, 16)

@@ -19,12 +19,14 @@ from ._errors import (
 )
 from ._plan import Crop, Span, TilePlan
 from ._rules import register_rule
+from ._split import split
 
 __version__ = "0.1.0"
 
 __all__ = [
     "streamify",
     "plan",
+    "split",
     "register_rule",
     "rules",
     "Streamed",

@@ -62,15 +62,18 @@ def assert_streams_like(
 
     torch.manual_seed(seed)
     x_ref = x.detach().clone().requires_grad_(x.is_floating_point())
+    # The backward stays inside batchnorm_eval too: activation checkpointing recomputes the
+    # forward during backward, and must see the same BatchNorm mode.
     with batchnorm_eval(model):
         ref = model(x_ref)
-    ref_leaves = tree_flatten(ref)[0]
-    gen = torch.Generator().manual_seed(seed + 1)
-    cots = [
-        torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.dtype) for r in ref_leaves
-    ]
-    inputs = [p for _, p in named] + ([x_ref] if x_ref.requires_grad else [])
-    ref_grads = torch.autograd.grad(ref_leaves, inputs, cots, allow_unused=True)
+        ref_leaves = tree_flatten(ref)[0]
+        gen = torch.Generator().manual_seed(seed + 1)
+        cots = [
+            torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.dtype)
+            for r in ref_leaves
+        ]
+        inputs = [p for _, p in named] + ([x_ref] if x_ref.requires_grad else [])
+        ref_grads = torch.autograd.grad(ref_leaves, inputs, cots, allow_unused=True)
 
     backbone, streamed_vjp = streamify(model, tile_size, **options)
     torch.manual_seed(seed)

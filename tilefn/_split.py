@@ -1,0 +1,373 @@
+"""Split a torchvision classification model into a streamable trunk and a global head."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._errors import InputTypeError, OptionError, UnsupportedLayerError
+
+__all__ = ["split", "SpatialMean"]
+
+
+class SpatialMean(nn.Module):
+    """``x.mean(dims)``: the global average pool some torchvision models write inline.
+
+    ShuffleNetV2 and MNASNet average over the spatial dims with ``x.mean([2, 3])`` in their
+    ``forward`` instead of an ``nn.AdaptiveAvgPool2d``; :func:`split` puts this module in
+    their heads so that ``head(trunk(x))`` repeats that exact op.
+    """
+
+    def __init__(self, dims: tuple[int, ...] = (2, 3)) -> None:
+        super().__init__()
+        self.dims = tuple(dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(list(self.dims))
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
+
+
+# A part of the trunk or head: the name of a child module of the model (shared, not copied),
+# or (name, factory) for a parameter-free module that the model's forward applies functionally.
+_Part = str | tuple[str, Callable[[], nn.Module]]
+_Init = Callable[[nn.Module], None]
+
+_FLATTEN: _Part = ("flatten", lambda: nn.Flatten(1))
+
+
+def _init_default(layer: nn.Module) -> None:
+    """PyTorch's own init, as the torchvision constructor leaves it."""
+
+
+def _init_zero_bias(layer: nn.Module) -> None:
+    nn.init.zeros_(layer.bias)
+
+
+def _init_normal(std: float) -> _Init:
+    def init(layer: nn.Module) -> None:
+        nn.init.normal_(layer.weight, 0.0, std)
+        nn.init.zeros_(layer.bias)
+
+    return init
+
+
+def _init_trunc_normal(layer: nn.Module) -> None:
+    nn.init.trunc_normal_(layer.weight, std=0.02)
+    nn.init.zeros_(layer.bias)
+
+
+def _init_mnasnet(layer: nn.Module) -> None:
+    nn.init.kaiming_uniform_(layer.weight, mode="fan_out", nonlinearity="sigmoid")
+    nn.init.zeros_(layer.bias)
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str  # the torchvision class, in torchvision.models
+    members: str  # for messages: the constructors of the family
+    trunk: tuple[_Part, ...]
+    head: tuple[_Part, ...]
+    init: _Init  # how torchvision initialises the final layer of this family
+    methods: tuple[str, ...] = ("forward",)  # must be torchvision's own: they define the order
+
+
+_FAMILIES: tuple[_Family, ...] = (
+    _Family(
+        "ResNet",
+        "resnet18/34/50/101/152, resnext*, wide_resnet*",
+        ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+        ("avgpool", _FLATTEN, "fc"),
+        _init_default,
+        ("forward", "_forward_impl"),
+    ),
+    _Family(
+        "ConvNeXt",
+        "convnext_tiny/small/base/large",
+        ("features",),
+        ("avgpool", "classifier"),
+        _init_trunc_normal,
+    ),
+    _Family(
+        "VGG",
+        "vgg11/13/16/19, with or without _bn",
+        ("features",),
+        ("avgpool", _FLATTEN, "classifier"),
+        _init_normal(0.01),
+    ),
+    _Family(
+        "AlexNet",
+        "alexnet",
+        ("features",),
+        ("avgpool", _FLATTEN, "classifier"),
+        _init_default,
+    ),
+    _Family(
+        "DenseNet",
+        "densenet121/161/169/201",
+        ("features", ("relu", lambda: nn.ReLU())),
+        (("avgpool", lambda: nn.AdaptiveAvgPool2d((1, 1))), _FLATTEN, "classifier"),
+        _init_zero_bias,
+    ),
+    _Family(
+        "MobileNetV2",
+        "mobilenet_v2",
+        ("features",),
+        (("avgpool", lambda: nn.AdaptiveAvgPool2d((1, 1))), _FLATTEN, "classifier"),
+        _init_normal(0.01),
+    ),
+    _Family(
+        "RegNet",
+        "regnet_x_* (regnet_y_* have squeeze-excitation)",
+        ("stem", "trunk_output"),
+        ("avgpool", _FLATTEN, "fc"),
+        _init_normal(0.01),
+    ),
+    _Family(
+        "ShuffleNetV2",
+        "shufflenet_v2_x0_5/x1_0/x1_5/x2_0",
+        ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"),
+        (("avgpool", SpatialMean), "fc"),
+        _init_default,
+        ("forward", "_forward_impl"),
+    ),
+    _Family(
+        "MNASNet",
+        "mnasnet0_5/0_75/1_0/1_3",
+        ("layers",),
+        (("avgpool", SpatialMean), "classifier"),
+        _init_mnasnet,
+    ),
+    _Family(
+        "SqueezeNet",
+        "squeezenet1_0/1_1",
+        ("features",),
+        ("classifier", _FLATTEN),
+        _init_normal(0.01),
+    ),
+)
+
+# Families with squeeze-excitation throughout the trunk -> the children split() searches
+# for the first such block, to name it in the refusal.
+_GLOBAL_TRUNKS = {"EfficientNet": ("features",), "MobileNetV3": ("features",)}
+
+_HOW_TO_SPLIT_BY_HAND = """\
+Split it by hand: the trunk gets every local layer (convolutions, local pooling, activations,
+residual blocks, BatchNorm, per-pixel LayerNorm), the head everything that needs the whole
+image (global pooling, flatten, fully connected layers). Reuse the model's modules, so that
+parameters are shared and head(trunk(x)) is model(x):
+
+    trunk = nn.Sequential(model.stem, model.blocks)          # streamed by tilefn
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.fc)
+    assert torch.equal(head(trunk(x)), model(x))             # in eval mode
+    backbone, _ = tilefn.streamify(trunk, tile_size)"""
+
+
+def split(
+    model: nn.Module, *, num_classes: int | None = None
+) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split a torchvision classifier into a streamable ``trunk`` and a global ``head``.
+
+    ``head(trunk(x))`` computes exactly ``model(x)``: both parts are ``nn.Sequential``
+    containers of the model's own modules (shared, not copied, so they train the model's
+    parameters), plus the parameter-free ops its ``forward`` applies functionally (flatten,
+    DenseNet's final ReLU, global averages). The trunk holds everything local, which
+    :func:`tilefn.streamify` streams tile by tile: convolutions, pooling, BatchNorm, residual
+    and ConvNeXt blocks with their stochastic depth and layer scale. The head holds what needs
+    the whole image: global pooling, flatten and the classifier. Child names are kept, so
+    ``trunk.state_dict()`` and ``head.state_dict()`` use the model's own keys.
+
+    Supported families (torchvision.models classes): ResNet (resnet, resnext, wide_resnet),
+    ConvNeXt, VGG (with and without batch norm), AlexNet, DenseNet, MobileNetV2, RegNet
+    (X variants), ShuffleNetV2, MNASNet, SqueezeNet.
+
+    Args:
+        model: A torchvision classification model. Its class must be torchvision's (or a
+            subclass that keeps torchvision's ``forward``).
+        num_classes: If given, the head gets a new final layer with this many outputs,
+            initialised as torchvision initialises that family's classifier, with the old
+            layer's dtype, device and train/eval mode. The model itself is not modified.
+
+    Returns:
+        ``(trunk, head)``, two ``nn.Sequential``.
+
+    Raises:
+        InputTypeError: ``model`` is not a model of a supported family (the message lists
+            them and shows how to split a model by hand), or overrides its ``forward``.
+        UnsupportedLayerError: the family cannot be streamed: squeeze-excitation blocks
+            (EfficientNet, MobileNetV3, RegNetY) pool over the whole image inside the trunk.
+        OptionError: ``num_classes`` is not a positive int.
+
+    Example:
+        >>> import torch, torchvision, tilefn
+        >>> model = torchvision.models.resnet18(weights=None).eval()
+        >>> trunk, head = tilefn.split(model)
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> torch.equal(head(trunk(x)), model(x))
+        True
+        >>> trunk.layer4 is model.layer4, [type(m).__name__ for m in head]
+        (True, ['AdaptiveAvgPool2d', 'Flatten', 'Linear'])
+        >>> backbone, _ = tilefn.streamify(trunk, tile_size=512)
+        >>> trunk, head = tilefn.split(model, num_classes=2)
+        >>> head(backbone(x)).shape
+        torch.Size([1, 2])
+    """
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise OptionError(f"split: num_classes must be a positive int or None, got {num_classes!r}")
+    family = _family_of(model)
+    name = type(model).__name__
+    if family is None:
+        raise InputTypeError(_unknown_message(model))
+    if isinstance(family, str):  # a family whose trunk cannot be streamed
+        _refuse_global(name, [(p, getattr(model, p)) for p in _GLOBAL_TRUNKS[family]])
+        raise InputTypeError(_unknown_message(model))  # a subclass without squeeze-excitation
+    overridden = _overridden(model, family)
+    if overridden:
+        raise InputTypeError(
+            f"split: {_qualname(model)} subclasses torchvision's {family.name} but overrides "
+            f"{overridden}(), so split() cannot know which layers it runs in which order.\n"
+            + _HOW_TO_SPLIT_BY_HAND
+        )
+    trunk = _build(model, family.trunk)
+    _refuse_global(name, list(trunk.named_children()))
+    head = _build(model, family.head)
+    if num_classes is not None:
+        head = _replace_final_layer(head, num_classes, family.init)
+    return trunk, head
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _qualname(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__name__} ({cls.__module__}.{cls.__qualname__})"
+
+
+def _family_of(model: object) -> _Family | str | None:
+    if not isinstance(model, nn.Module):
+        return None
+    from torchvision import models  # lazily: importing torchvision takes a while
+
+    for family in _FAMILIES:
+        if isinstance(model, getattr(models, family.name)):
+            return family
+    for name in _GLOBAL_TRUNKS:
+        if isinstance(model, getattr(models, name)):
+            return name
+    return None
+
+
+def _overridden(model: nn.Module, family: _Family) -> str | None:
+    from torchvision import models
+
+    base = getattr(models, family.name)
+    for method in family.methods:
+        if getattr(type(model), method, None) is not getattr(base, method, None):
+            return method
+    return None
+
+
+def _build(model: nn.Module, parts: tuple[_Part, ...]) -> nn.Sequential:
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    for part in parts:
+        if isinstance(part, str):
+            modules[part] = getattr(model, part)
+        else:
+            name, factory = part
+            new = factory()
+            new.training = model.training
+            modules[name] = new
+    seq = nn.Sequential(modules)
+    seq.training = model.training  # the container only; the model's modules keep their modes
+    return seq
+
+
+def _refuse_global(model_name: str, named: list[tuple[str, nn.Module]]) -> None:
+    """Raise UnsupportedLayerError at the first squeeze-excitation block under ``named``."""
+    from torchvision.ops import SqueezeExcitation
+
+    for prefix, module in named:
+        for path, m in module.named_modules(prefix=prefix):
+            if isinstance(m, SqueezeExcitation):
+                raise UnsupportedLayerError(
+                    f"split: layer '{path}' ({type(m).__name__}) of this {model_name} is a "
+                    "squeeze-excitation block: it averages every channel over the whole image "
+                    "and rescales every pixel with the result, so no tile can be computed "
+                    "without seeing the whole image. EfficientNet, MobileNetV3 and RegNetY "
+                    "(regnet_y_*) have such blocks throughout the trunk and cannot be streamed. "
+                    "Use a family without them (ResNet, ConvNeXt, RegNetX, MobileNetV2, ...), "
+                    "or split by hand and stream only the layers before the first "
+                    "squeeze-excitation block."
+                )
+
+
+def _unknown_message(model: object) -> str:
+    families = "\n".join(f"    {f.name:<13} {f.members}" for f in _FAMILIES)
+    if isinstance(model, nn.Module):
+        children = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in model.named_children())
+        what = f"a {_qualname(model)}"
+        if children:
+            what += f", whose top-level modules are {children}"
+        from ._api import StreamedBackbone
+
+        if isinstance(model, StreamedBackbone):
+            what += ". Split the plain model first, then streamify its trunk"
+    else:
+        what = f"{_qualname(model)}, which is not an nn.Module"
+    return (
+        f"split: don't know how to split {what}.\n"
+        f"split() knows these torchvision classification families (torchvision.models):\n"
+        f"{families}\n"
+        "Not streamable at all: models with squeeze-excitation (EfficientNet, MobileNetV3, "
+        "RegNetY) or attention (ViT, Swin, MaxViT) inside the trunk.\n" + _HOW_TO_SPLIT_BY_HAND
+    )
+
+
+def _replace_final_layer(head: nn.Sequential, num_classes: int, init: _Init) -> nn.Sequential:
+    """A copy of ``head`` (sharing all other modules) whose last Linear/Conv2d is fresh."""
+    candidates = [
+        (path, m) for path, m in head.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
+    if not candidates:  # pragma: no cover - every supported head ends in one
+        raise InputTypeError("split: found no final Linear or Conv2d layer in the head to replace")
+    path, old = candidates[-1]
+    factory = {"device": old.weight.device, "dtype": old.weight.dtype}
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, old.bias is not None, **factory)
+    else:
+        new = nn.Conv2d(
+            old.in_channels,
+            num_classes,
+            old.kernel_size,
+            old.stride,
+            old.padding,
+            old.dilation,
+            old.groups,
+            old.bias is not None,
+            old.padding_mode,
+            **factory,
+        )
+    with torch.no_grad():
+        init(new)
+    new.train(old.training)
+    return _with_module(head, path.split("."), new)
+
+
+def _with_module(container: nn.Module, path: list[str], new: nn.Module) -> nn.Sequential:
+    """A new Sequential like ``container`` (same children) with the module at ``path`` replaced."""
+    if not isinstance(container, nn.Sequential):  # pragma: no cover - torchvision heads are
+        raise InputTypeError(f"split: cannot replace a layer inside a {type(container).__name__}")
+    first, rest = path[0], path[1:]
+    children = OrderedDict(container.named_children())
+    children[first] = new if not rest else _with_module(children[first], rest, new)
+    seq = nn.Sequential(children)
+    seq.training = container.training
+    return seq
