@@ -133,3 +133,18 @@ def test_refusal_is_pinned(
     with pytest.raises(error, match=pattern) as info:
         backbone(x)
     assert isinstance(info.value, tilefn.TilefnError)
+
+
+def test_squeeze_excitation_refusal_names_the_block_and_the_real_fix():
+    torchvision = pytest.importorskip("torchvision")
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        torchvision.ops.SqueezeExcitation(16, 4),
+        nn.Conv2d(16, 16, 3, padding=1),
+    )
+    with pytest.raises(tilefn.UnsupportedLayerError) as info:
+        tilefn.plan(net, (1, 3, 128, 128), 64)
+    msg = str(info.value)
+    assert "layer '1.avgpool' (AdaptiveAvgPool2d, inside SqueezeExcitation '1')" in msg
+    assert "It is part of the block '1' (SqueezeExcitation)" in msg
+    assert "end the trunk before '1'" in msg

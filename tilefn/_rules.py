@@ -82,10 +82,11 @@ class Refuse(Exception):
     """Raised by a rule: the op cannot be streamed. ``why`` and ``fix`` end up in the
     user-facing :class:`~tilefn.UnsupportedLayerError`."""
 
-    def __init__(self, why: str, fix: str = ""):
+    def __init__(self, why: str, fix: str = "", *, global_op: bool = False):
         super().__init__(why)
         self.why = why
         self.fix = fix
+        self.global_op = global_op  # global pooling / a whole-image statistic
 
 
 @dataclass
@@ -438,6 +439,7 @@ def _reduce(call: OpCall) -> OpGeometry:
             "so each output depends on every pixel",
             "move global pooling and everything after it into the head, which runs on the "
             "stitched feature map",
+            global_op=True,
         )
     keepdim = bool(call.args.get("keepdim", False))
     layout = []
@@ -738,9 +740,9 @@ def _pixel_shuffle(call: OpCall) -> OpGeometry:
     return _window_maps(call, t, len(t.shape) - 2, "pixel shuffle", make)
 
 
-def _refuse_with(why: str, fix: str) -> Rule:
+def _refuse_with(why: str, fix: str, *, global_op: bool = False) -> Rule:
     def rule(call: OpCall) -> OpGeometry:
-        raise Refuse(why, fix)
+        raise Refuse(why, fix, global_op=global_op)
 
     return rule
 
@@ -750,6 +752,7 @@ _GLOBAL_POOL = _refuse_with(
     "grows with the image: global pooling",
     "move the global pooling and everything after it into the head, which runs on the "
     "stitched feature map: split the model into a streamable trunk and a head",
+    global_op=True,
 )
 _RANDOM = _refuse_with(
     "draws random values for every pixel (e.g. dropout in training mode), which differ "

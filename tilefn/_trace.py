@@ -107,7 +107,20 @@ class _Recorder(TorchDispatchMode):
             layer = "layer '<root>'"
         op = "" if str(func) in err.why else f" (aten op {func})"
         msg = f"streamify: {layer} {err.why}{op}."
-        if err.fix:
+        inside = [(p, c) for p, c in self.stack[:-1] if p and c != "Sequential"]
+        if err.global_op and inside:
+            # Global pooling inside a block: squeeze-and-excitation and global-context blocks
+            # feed the whole-image summary back into every position.
+            path, cls = inside[-1]
+            msg += (
+                f" It is part of the block '{path}' ({cls}). How to fix: if that block feeds "
+                "a whole-image summary back into every position (as squeeze-and-excitation "
+                "does), neither it nor anything after it can be streamed: end the trunk "
+                f"before '{path}' and put the rest in the head, or use a model without such "
+                "blocks (e.g. ResNet, ConvNeXt or MobileNetV2 instead of EfficientNet or "
+                f"MobileNetV3); otherwise {err.fix}."
+            )
+        elif err.fix:
             msg += f" How to fix: {err.fix}."
         msg += " See docs/limitations.md."
         return UnsupportedLayerError(msg)
