@@ -17,6 +17,7 @@ from ._errors import (
     TraceError,
     UnsupportedLayerError,
 )
+from ._inputs import ArrayImage
 from ._plan import Crop, Span, TilePlan
 from ._rules import register_rule
 from ._split import split
@@ -31,6 +32,7 @@ __all__ = [
     "rules",
     "Streamed",
     "StreamedBackbone",
+    "ArrayImage",
     "TilePlan",
     "Crop",
     "Span",

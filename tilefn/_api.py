@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import InputError, InputTypeError, OptionError
 from ._execute import Executor, RngState, StreamedFunction, model_dtype
+from ._inputs import ArrayImage, as_input
 from ._plan import TilePlan, check_tile_size, make_plan
 from ._trace import Trace
 
@@ -127,12 +128,8 @@ class StreamedBackbone(nn.Module):
     def extra_repr(self) -> str:
         return f"tile_size={self.tile_size!r}, model={type(self._model).__name__}"
 
-    def _prepare(self, x: Any) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise InputTypeError(
-                f"streamify: expected the input to be a torch.Tensor of shape (N, C, *spatial), "
-                f"got {type(x).__name__}."
-            )
+    def _prepare(self, x: Any) -> torch.Tensor | ArrayImage:
+        x = as_input(x)  # tensors as they are; numpy / memmap / zarr arrays read per crop
         _check_shape(tuple(x.shape), "streamify")
         if x.dtype not in _FLOAT_DTYPES:
             if self._executor.normalize is None or x.dtype != torch.uint8:
@@ -143,9 +140,9 @@ class StreamedBackbone(nn.Module):
                 )
         return x
 
-    def plan(self, shape_or_input: Sequence[int] | torch.Tensor) -> TilePlan:
+    def plan(self, shape_or_input: Sequence[int] | torch.Tensor | ArrayImage) -> TilePlan:
         """The cached :class:`TilePlan` for this input (or input shape)."""
-        if isinstance(shape_or_input, torch.Tensor):
+        if not isinstance(shape_or_input, (tuple, list, torch.Size)):
             x = self._prepare(shape_or_input)
             shape, dtype = tuple(x.shape), self._executor.compute_dtype(x)
         else:

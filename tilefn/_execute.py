@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ._errors import PlanError
+from ._inputs import ArrayImage
 from ._plan import Crop, TilePlan
 from ._trace import batchnorm_eval
 
@@ -114,13 +115,16 @@ class Executor:
             raw = leaf
         if self.normalize is None:
             return raw, leaf
-        crop_in = raw.to(dtype)
-        if not x.is_floating_point():
-            crop_in = crop_in / 255.0
         mean, std = self.normalize
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean_t = torch.as_tensor(mean, dtype=dtype, device=crop_in.device).reshape(shape)
-        std_t = torch.as_tensor(std, dtype=dtype, device=crop_in.device).reshape(shape)
+        mean_t = torch.as_tensor(mean, dtype=dtype, device=raw.device).reshape(shape)
+        std_t = torch.as_tensor(std, dtype=dtype, device=raw.device).reshape(shape)
+        if leaf is None:  # a private float copy, normalised in place: one crop-sized buffer
+            crop_in = raw.to(dtype, copy=True)
+            if not x.is_floating_point():
+                crop_in.div_(255.0)
+            return crop_in.sub_(mean_t).div_(std_t), None
+        crop_in = leaf if x.is_floating_point() else leaf / 255.0
         return (crop_in - mean_t) / std_t, leaf
 
     # ------------------------------------------------------------------ helpers
@@ -284,7 +288,15 @@ def _inside(x: torch.Tensor, box: tuple[tuple[int, int], ...]) -> bool:
     return all(0 <= a and b <= x.shape[first + k] for k, (a, b) in enumerate(box))
 
 
-def _gather(x: torch.Tensor, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+def _gather(x: torch.Tensor | ArrayImage, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    if isinstance(x, ArrayImage):
+        if _inside(x, box):
+            return x.read(box)
+        first = x.dim() - len(box)
+        out = torch.empty(x.shape[:first] + tuple(b - a for a, b in box), dtype=x.dtype)
+        for img, local in _pieces(x, box):
+            out[local] = x.read([(s.start, s.stop) for s in img[1:]])
+        return out
     if _inside(x, box):
         return x[(Ellipsis,) + tuple(slice(a, b) for a, b in box)]
     first = x.dim() - len(box)
@@ -328,13 +340,16 @@ class StreamedFunction(torch.autograd.Function):
         ctx.executor, ctx.plan, ctx.params = executor, plan, params
         ctx.autocast = _AutocastState.capture(device.type)
         ctx.rng = RngState(device) if plan.uses_rng else None
-        ctx.save_for_backward(x)
+        if isinstance(x, torch.Tensor):
+            ctx.save_for_backward(x)
+        else:  # an ArrayImage: read again, crop by crop, in the backward
+            ctx.image = x
         ctx.set_materialize_grads(False)
         return tuple(executor.forward(x, plan, ctx.rng))
 
     @staticmethod
     def backward(ctx, *cotangents):
-        (x,) = ctx.saved_tensors
+        (x,) = (ctx.image,) if hasattr(ctx, "image") else ctx.saved_tensors
         want_input = ctx.needs_input_grad[2]
         executor: Executor = ctx.executor
         grads, input_grad = executor.vjp(
