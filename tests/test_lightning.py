@@ -406,3 +406,15 @@ def test_ddp_two_processes_match_single_process_gradients(tmp_path, accumulate):
     for rank in (0, 1):
         got = torch.load(tmp_path / f"grads_rank{rank}.pt")
         assert_grads_close(got, want)
+
+
+def test_to_moves_the_trunk_with_the_module():
+    """.to()/.double() on the LightningModule reach the streamed trunk's parameters (shared with
+    the plain trunk), and the streamed forward follows them."""
+    trunk, head = make_trunk(torch.float32), make_head(torch.float32)
+    module = StreamedModule(trunk, head, nn.functional.cross_entropy, tile_size=TILE)
+    module.double()
+    assert all(p.dtype == torch.float64 for p in trunk.parameters())
+    x, _ = make_data(n=1)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), head(trunk.eval()(x)), rtol=1e-12, atol=1e-12)
