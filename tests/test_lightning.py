@@ -418,3 +418,11 @@ def test_to_moves_the_trunk_with_the_module():
     x, _ = make_data(n=1)
     with torch.no_grad():
         torch.testing.assert_close(module(x), head(trunk.eval()(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_batches_of_another_layout_need_unpack_batch():
+    module = StreamedModule(make_trunk(), make_head(), nn.functional.cross_entropy, tile_size=TILE)
+    with pytest.raises(tilefn.InputTypeError, match="Override unpack_batch"):
+        module.unpack_batch(torch.zeros(1, 2, 8, 8))
+    x, y = make_data(n=1)
+    assert module.unpack_batch({"image": x, "target": y}) == (x, y)

@@ -28,7 +28,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
     ) from e
 
 from ._api import StreamedBackbone, TileSize, streamify
-from ._errors import OptionError
+from ._errors import InputTypeError, OptionError
 
 __all__ = ["StreamedModule"]
 
@@ -199,7 +199,7 @@ class StreamedModule(pl.LightningModule):
             return batch["image"], batch.get("target")
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
             return batch[0], batch[1]
-        raise TypeError(
+        raise InputTypeError(
             "StreamedModule: expected batches of (image, target) or dicts with 'image' and "
             f"'target', got {type(batch).__name__}. Override unpack_batch() for other layouts."
         )
