@@ -1,21 +1,27 @@
-"""Saliency map of a streamed CNN: which pixels of a large slide decide its class?
+"""Saliency map of a streamed CNN: which pixels of a 4096 px slide decide its class?
 
 Takes the slide classifier of ``train_slides.py`` (the main example), either trained there and
 loaded with ``--checkpoint``, or trained here for about a minute on smaller slides (a plain
-PyTorch loop over ``tilefn.streamify``). Then, on a fresh class-1 slide, it computes the
-gradient of the class score with respect to every input pixel, streamed tile by tile::
+PyTorch loop over ``tilefn.streamify``, which is what the Lightning adapter runs). Then, on a
+fresh class-1 slide, it computes the gradient of the class score with respect to every input
+pixel, streamed tile by tile like the training::
 
     backbone, _ = tilefn.streamify(trunk, tile_size, saliency=True, normalize=(mean, std))
-    x = (image / 255).requires_grad_(True)
-    score = head(backbone(x))[0, 1] - head(backbone(x))[0, 0]    # computed once, in the code
-    score.backward()                                             # x.grad: the saliency map
+    x = (image / 255).requires_grad_(True)       # float input: normalize= skips the / 255
+    logits = head(backbone(x))
+    (logits[0, 1] - logits[0, 0]).backward()     # x.grad is the saliency map
 
-and writes it as a PNG: on the left the whole slide with the saliency as a heat map, on the
-right the four most salient spots enlarged. The network's decision rests on a few of the tiny
-plus-shaped cells; the script prints how much of the saliency falls on cells at all.
+and writes a PNG: on the left the whole slide with the saliency as a heat map, on the right the
+eight most salient spots enlarged, each as the raw pixels next to the saliency.
+
+What to expect: the saliency sits on single 5 x 5 px cells, on about 2 % of the slide. The head
+takes the maximum of each feature map, so the gradient flows back through the strongest
+response of each feature: the pluses that argue for class 1 and the crosses (also present on
+class-1 slides) that argue against it. The script prints which kinds of cells the most salient
+pixels and spots lie on.
 
     python examples/saliency.py                                   # 2048 px, trains ~1 min
-    python examples/saliency.py --checkpoint slides_data/model.pt --size 4096
+    python examples/train_slides.py && python examples/saliency.py --checkpoint slides_data/model.pt --size 4096
     python examples/saliency.py --size 256 --steps 4 --out /tmp/s.png   # smoke test
 """
 
@@ -34,10 +40,19 @@ from PIL import Image
 import tilefn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_slides import MEAN, STD, build_model, make_slide, slide_seed  # noqa: E402
+from train_slides import (  # noqa: E402
+    KINDS,
+    MEAN,
+    STD,
+    HelpFormatter,
+    build_model,
+    make_slide,
+    slide_seed,
+)
 
-PANEL = 512  # output: a PANEL x PANEL overview and a 2 x 2 grid of enlarged crops beside it
-CROP = 64  # side of each enlarged crop, in slide pixels
+PANEL = 512  # output: a PANEL x PANEL overview, and beside it the SPOTS most salient spots
+SPOTS = 8  # enlarged, each as a (raw | saliency) pair of CROP x CROP px crops
+CROP = 32  # side of each crop, in slide pixels
 
 
 def train_briefly(args: argparse.Namespace):
@@ -93,45 +108,50 @@ def load(path: str):
     return trunk, head
 
 
-def heat(gray: np.ndarray, value: np.ndarray, alpha: float = 0.8) -> Image.Image:
+def heat(gray: np.ndarray, value: np.ndarray, gamma: float = 1.0, floor: float = 0.0):
     """Blend a "hot" colour map of ``value`` (0..1) over a grayscale uint8 image."""
-    v = np.clip(value, 0, 1)[..., None]
-    hot = np.clip(np.stack([3 * v[..., 0], 3 * v[..., 0] - 1, 3 * v[..., 0] - 2], -1), 0, 1)
+    v = np.clip((value - floor) / (1 - floor), 0, 1)[..., None]
+    hot = np.clip(np.concatenate([3 * v, 3 * v - 1, 3 * v - 2], axis=-1), 0, 1)
     base = np.repeat(gray[..., None].astype(np.float32) / 255, 3, axis=-1)
-    w = alpha * np.sqrt(v)  # faint saliency still shows
-    out = base * (1 - w) + hot * w
-    return Image.fromarray((out * 255).round().astype(np.uint8))
+    w = 0.9 * v**gamma
+    return Image.fromarray(((base * (1 - w) + hot * w) * 255).round().astype(np.uint8))
 
 
-def render(image: np.ndarray, saliency: np.ndarray, out: str) -> tuple[int, int]:
-    """Write the overview and the four most salient crops side by side; return the PNG size."""
+def top_spots(saliency: np.ndarray, n: int, apart: int) -> list[tuple[int, int]]:
+    """The ``n`` most salient pixels that lie at least ``apart`` px from each other."""
+    spots: list[tuple[int, int]] = []
+    width = saliency.shape[1]
+    for idx in np.argsort(saliency, axis=None)[::-1][: 1000 * n]:
+        y, x = divmod(int(idx), width)
+        if all(max(abs(y - sy), abs(x - sx)) >= apart for sy, sx in spots):
+            spots.append((y, x))
+            if len(spots) == n:
+                break
+    return spots
+
+
+def render(image: np.ndarray, saliency: np.ndarray, spots, out: str) -> tuple[int, int]:
+    """Write the overview and the enlarged spots side by side; return the PNG's size."""
     size = image.shape[0]
-    s = saliency / max(saliency.max(), 1e-30)
-    # Overview: max-pool the saliency so single pixels survive the shrinking.
+    s = torch.from_numpy(saliency / max(saliency.max(), 1e-30))
+    # Overview: a dilating max-pool, so that single salient pixels survive the shrinking.
     k = max(1, size // PANEL)
-    s_small = F.max_pool2d(torch.from_numpy(s)[None, None], k)[0, 0].numpy()
-    small = Image.fromarray(image).resize((PANEL, PANEL), Image.BOX)
-    s_small = np.asarray(Image.fromarray(s_small.astype(np.float32)).resize((PANEL, PANEL)))
+    small_s = F.max_pool2d(s[None, None], 3 * k, stride=k, padding=k)[0, 0]
+    small_s = F.interpolate(small_s[None, None], size=(PANEL, PANEL))[0, 0].numpy()
+    small = np.asarray(Image.fromarray(image).resize((PANEL, PANEL), Image.BOX))
     canvas = Image.new("RGB", (2 * PANEL, PANEL))
-    canvas.paste(heat(np.asarray(small), s_small), (0, 0))
+    canvas.paste(heat(small, small_s / max(small_s.max(), 1e-30), gamma=0.5), (0, 0))
 
-    # The four most salient spots, at least CROP px apart, enlarged.
-    crop = min(CROP, size)
-    taken: list[tuple[int, int]] = []
-    for idx in np.argsort(s, axis=None)[::-1][:100_000]:
-        y, x = divmod(int(idx), size)
-        if all(max(abs(y - ty), abs(x - tx)) >= crop for ty, tx in taken):
-            taken.append((y, x))
-        if len(taken) == 4:
-            break
-    cell = PANEL // 2
-    for n, (y, x) in enumerate(taken):
+    crop, cell = min(CROP, size), PANEL // 4  # each spot: two cell x cell squares
+    for n, (y, x) in enumerate(spots):
         y0 = min(max(y - crop // 2, 0), size - crop)
         x0 = min(max(x - crop // 2, 0), size - crop)
-        tile = heat(image[y0 : y0 + crop, x0 : x0 + crop], s[y0 : y0 + crop, x0 : x0 + crop], 0.6)
-        canvas.paste(
-            tile.resize((cell, cell), Image.NEAREST), (PANEL + cell * (n % 2), cell * (n // 2))
-        )
+        raw = image[y0 : y0 + crop, x0 : x0 + crop]
+        sal = s[y0 : y0 + crop, x0 : x0 + crop].numpy()
+        left, top = PANEL + 2 * cell * (n % 2), cell * (n // 2)
+        canvas.paste(Image.fromarray(raw).resize((cell, cell), Image.NEAREST), (left, top))
+        hot = heat(raw, sal / max(sal.max(), 1e-30), floor=0.15)
+        canvas.paste(hot.resize((cell, cell), Image.NEAREST), (left + cell, top))
     canvas.save(out)
     return canvas.size
 
@@ -140,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Input-gradient (saliency) map of the slide classifier of train_slides.py, "
         "computed tile by tile with tilefn and written as a PNG overlay.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--size", type=int, default=2048, help="slide side in pixels")
     p.add_argument("--tile", type=int, default=1024, help="tile_size for tilefn")
@@ -162,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     trunk.eval()
     head.eval()
 
-    # A fresh class-1 slide: its plus-shaped cells are what the class depends on.
+    # A fresh class-1 slide (a seed the training never saw).
     image, marks = make_slide(args.size, 1, slide_seed(args.seed + 1, "val", 0))
     backbone, _ = tilefn.streamify(trunk, args.tile, saliency=True, normalize=((MEAN,), (STD,)))
     x = (torch.from_numpy(image)[None, None].float() / 255).requires_grad_(True)
@@ -176,24 +196,27 @@ def main(argv: list[str] | None = None) -> None:
         f"saliency from {backbone.plan(x.shape).n_tiles} tiles of {args.tile} px"
     )
 
-    # How much of the saliency lies on the cells (their 5 x 5 px boxes, 1 px margin)?
-    on_cell = np.zeros(image.shape, bool)
-    on_plus = np.zeros(image.shape, bool)
+    # Where is the saliency? Label every pixel with the kind of the cell it lies on (the
+    # cell's 5 x 5 px box plus a 1 px margin), or -1 for background.
+    on = np.full(image.shape, -1, np.int8)
     for dy in range(-3, 4):
         for dx in range(-3, 4):
-            ys = np.clip(marks[:, 0] + dy, 0, args.size - 1)
-            xs = np.clip(marks[:, 1] + dx, 0, args.size - 1)
-            on_cell[ys, xs] = True
-            plus = marks[:, 2] == 2
-            on_plus[ys[plus], xs[plus]] = True
-    total = saliency.sum()
+            on[
+                np.clip(marks[:, 0] + dy, 0, args.size - 1),
+                np.clip(marks[:, 1] + dx, 0, args.size - 1),
+            ] = marks[:, 2]
+    top = on.ravel()[np.argsort(saliency, axis=None)[::-1][:100]]
+    plural = {"square": "squares", "cross": "crosses", "plus": "pluses"}
+    counts = ", ".join(f"{(top == k).sum()} on {plural[name]}" for k, name in enumerate(KINDS))
     print(
-        f"{saliency[on_cell].sum() / total:.0%} of the saliency lies on the cells "
-        f"({on_cell.mean():.1%} of the slide), {saliency[on_plus].sum() / total:.0%} on "
-        "plus-shaped ones"
+        f"the 100 most salient pixels: {(top >= 0).sum()} on cells, which cover "
+        f"{(on >= 0).mean():.1%} of the slide ({counts})"
     )
+    spots = top_spots(saliency, SPOTS, apart=CROP)
+    kinds = [KINDS[on[y, x]] if on[y, x] >= 0 else "background" for y, x in spots]
+    print(f"the {len(spots)} most salient spots (enlarged in the PNG) lie on: {', '.join(kinds)}")
 
-    width, height = render(image, saliency, args.out)
+    width, height = render(image, saliency, spots, args.out)
     print(f"wrote {args.out} ({width}x{height} px) in {time.perf_counter() - t0:.0f} s")
 
 
