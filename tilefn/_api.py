@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -11,17 +12,26 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._errors import InputError, InputTypeError, OptionError
+from ._errors import InputError, InputTypeError, OptionError, TileSizeError
 from ._execute import Executor, RngState, StreamedFunction, model_dtype
 from ._inputs import ArrayImage, as_input
-from ._plan import TilePlan, check_tile_size, make_plan
+from ._plan import TilePlan, auto_plan, check_tile_size, make_plan
 from ._trace import Trace
 
 __all__ = ["Streamed", "StreamedBackbone", "streamify", "plan"]
 
-TileSize = int | Sequence[int]
+TileSize = int | Sequence[int] | str
 
-_VALID_OPTIONS = ("saliency", "verbose", "deterministic", "normalize", "device")
+_VALID_OPTIONS = (
+    "saliency",
+    "verbose",
+    "deterministic",
+    "normalize",
+    "device",
+    "memory_budget",
+    "channels_last",
+    "process_group",
+)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -38,14 +48,20 @@ _PLANS_PER_MODEL = 64
 
 
 def _cached_plan(
-    model: nn.Module, shape: tuple[int, ...], tile_size: Any, dtype: torch.dtype
+    model: nn.Module,
+    shape: tuple[int, ...],
+    tile_size: Any,
+    dtype: torch.dtype,
+    memory_budget: int | None = None,
 ) -> tuple[TilePlan, Trace]:
     flags = tuple(m.training for m in model.modules())
-    tile_key = tile_size if isinstance(tile_size, int) else tuple(tile_size)
-    key = (shape, tile_key, dtype, flags)
+    tile_key = tile_size if isinstance(tile_size, (int, str)) else tuple(tile_size)
+    key = (shape, tile_key, dtype, flags, memory_budget if tile_key == "auto" else None)
     per_model = _PLAN_CACHE.setdefault(model, OrderedDict())
     if key in per_model:
         per_model.move_to_end(key)
+    elif tile_key == "auto":
+        per_model[key] = auto_plan(model, shape, memory_budget, dtype)  # type: ignore[arg-type]
     else:
         per_model[key] = make_plan(model, shape, tile_size, dtype)
         if len(per_model) > _PLANS_PER_MODEL:  # slides of many sizes: keep the recent ones
@@ -58,6 +74,7 @@ def plan(
     input_shape: Sequence[int],
     tile_size: TileSize,
     dtype: torch.dtype | None = None,
+    memory_budget: int | None = None,
 ) -> TilePlan:
     """The tiling plan of ``model`` on inputs of ``input_shape``, from shapes only.
 
@@ -68,9 +85,11 @@ def plan(
     Args:
         model: The network to stream.
         input_shape: ``(N, C, *spatial)``.
-        tile_size: Largest crop side in input pixels, an int or one int per spatial dim.
+        tile_size: Largest crop side in input pixels, an int or one int per spatial dim,
+            or ``"auto"`` to choose it from ``memory_budget``.
         dtype: The compute dtype, used for the memory estimate; defaults to the dtype of
             the model's parameters.
+        memory_budget: Bytes; needed with ``tile_size="auto"`` (see :func:`streamify`).
 
     Example:
         >>> import torch, tilefn
@@ -80,7 +99,40 @@ def plan(
         (9, (2, 2))
     """
     shape = _check_shape(tuple(input_shape), "plan")
-    return _cached_plan(model, shape, tile_size, dtype or model_dtype(model))[0]
+    budget = _check_budget(tile_size, memory_budget, "plan")
+    return _cached_plan(model, shape, tile_size, dtype or model_dtype(model), budget)[0]
+
+
+def _check_budget(tile_size: Any, memory_budget: Any, api: str) -> int | None:
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+            raise OptionError(
+                f"{api}: memory_budget must be a number of bytes (e.g. 8e9 or 8 * 2**30), got "
+                f"{memory_budget!r}."
+            )
+        if not memory_budget > 0:
+            raise OptionError(f"{api}: memory_budget must be positive, got {memory_budget!r}.")
+        memory_budget = int(memory_budget)
+    if isinstance(tile_size, str):
+        if tile_size != "auto":
+            raise TileSizeError(
+                f"{api}: tile_size must be an int, a tuple of ints or 'auto', got {tile_size!r}."
+            )
+        if memory_budget is None:
+            raise OptionError(
+                f"{api}: tile_size='auto' chooses the tile from the memory budget; pass "
+                "memory_budget= (bytes), e.g. memory_budget=8 * 2**30."
+            )
+    else:
+        check_tile_size(tile_size)
+    return memory_budget
+
+
+def _human(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def _check_shape(shape: tuple[int, ...], api: str) -> tuple[int, ...]:
@@ -151,10 +203,22 @@ class StreamedBackbone(nn.Module):
         return self._plan(shape, dtype)[0]
 
     def _plan(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[TilePlan, Trace]:
-        plan_, trace_ = _cached_plan(self._model, shape, self.tile_size, dtype)
-        if self._executor.verbose and id(plan_) not in self._shown:
+        plan_, trace_ = _cached_plan(
+            self._model, shape, self.tile_size, dtype, self._executor.memory_budget
+        )
+        if id(plan_) not in self._shown:
             self._shown.add(id(plan_))
-            print(plan_)
+            if self._executor.verbose:
+                print(plan_)
+            budget = self._executor.memory_budget
+            if budget is not None and plan_.memory_estimate > budget:
+                warnings.warn(
+                    f"streamify: the plan for input shape {shape} with tile_size "
+                    f"{self.tile_size!r} is estimated to need "
+                    f"{_human(plan_.memory_estimate)}, more than memory_budget "
+                    f"{_human(budget)}. Use a smaller tile_size, or tile_size='auto'.",
+                    stacklevel=3,
+                )
         return plan_, trace_
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -166,7 +230,7 @@ class StreamedBackbone(nn.Module):
             outs = StreamedFunction.apply(self._executor, plan_, x, *params)
         else:
             rng = RngState(self._executor.compute_device(x)) if plan_.uses_rng else None
-            outs = self._executor.forward(x, plan_, rng)
+            outs, _ = self._executor.forward(x, plan_, rng)
         return tree_unflatten(list(outs), trace_.out_spec)
 
     def vjp(self, x: torch.Tensor, cotangent: Any, *, saliency: bool):
@@ -217,7 +281,9 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
             an integer factor, residual additions and concatenations), returning a tensor
             or a tuple/list/dict of tensors.
         tile_size: Largest crop side, in input pixels, ever run through the model at
-            once: an int, or one int per spatial dim. Bounds peak memory.
+            once: an int, or one int per spatial dim. Bounds peak memory. ``"auto"``
+            chooses it per input shape from ``memory_budget``: the plan the cost model
+            expects to train fastest among those whose memory estimate fits.
 
     Keyword Args:
         saliency (bool): ``streamed_vjp`` also returns the gradient with respect to ``x``.
@@ -228,6 +294,20 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
             255 first); each crop is converted and normalised on the compute device.
         device (torch.device | str): where crops are computed; ``x`` may stay on the CPU.
             Defaults to the device of the model's parameters.
+        memory_budget (int | float): bytes the streamed step may use (compared with
+            ``plan.memory_estimate``). Under grad mode the forward keeps the autograd
+            graphs of its last crops while they fit in what the plan leaves of the
+            budget, and the backward uses them instead of recomputing those crops; with
+            a budget that holds every crop graph, a training step costs ``a`` times a
+            plain one instead of ``4a/3``. Needed by ``tile_size="auto"``.
+        channels_last (bool): feed crops in ``torch.channels_last`` memory format (convert
+            the model too: ``model.to(memory_format=torch.channels_last)``).
+        process_group (torch.distributed.ProcessGroup): tile parallelism for one image:
+            each rank of the group runs its share of the crops, the output map is summed
+            across ranks (each position is computed by exactly one rank) and so are the
+            gradients, so every rank gets the same output and the full gradients. Every
+            rank must call with the same image and parameters (and RNG state, if the
+            model draws random numbers).
 
     Returns:
         ``Streamed(backbone, vjp)``. ``backbone(x)`` returns ``model(x)``'s structure and,
@@ -279,14 +359,36 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
             device = torch.device(device)
         except (TypeError, RuntimeError):
             raise OptionError(f"streamify: device must be a torch.device or str, got {device!r}.") from None
+    budget = _check_budget(tile_size, options.get("memory_budget"), "streamify")
+    if not isinstance(options.get("channels_last", False), bool):
+        raise OptionError(
+            f"streamify: option channels_last must be True or False, got "
+            f"{options['channels_last']!r}."
+        )
+    group = options.get("process_group")
+    if group is not None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise OptionError(
+                "streamify: process_group= needs an initialised torch.distributed "
+                "(call torch.distributed.init_process_group first)."
+            )
+        if not isinstance(group, dist.ProcessGroup):
+            raise OptionError(
+                f"streamify: process_group must be a torch.distributed.ProcessGroup (e.g. "
+                f"torch.distributed.group.WORLD), got {type(group).__name__}."
+            )
     executor = Executor(
         model,
         verbose=bool(options.get("verbose", False)),
         deterministic=bool(options.get("deterministic", False)),
         normalize=normalize,
         device=device,
+        memory_budget=budget,
+        channels_last=bool(options.get("channels_last", False)),
+        process_group=group,
     )
-    check_tile_size(tile_size)
     backbone = StreamedBackbone(model, tile_size, executor)
 
     def streamed_vjp(x: torch.Tensor, cotangent: Any):

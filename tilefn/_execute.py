@@ -5,7 +5,13 @@ Backward by linearity: the output positions are partitioned among the crops, so 
 parameter gradient ``J^T g`` is the sum over crops of the gradient of
 ``<g restricted to the crop's block, f(crop)>``, which ordinary autograd computes exactly
 on the crop. Each crop is recomputed with autograd, backpropagated and freed before the
-next one, so only one crop graph is alive at a time.
+next one, so only one crop graph is alive at a time, unless a memory budget lets the
+forward keep the graphs of its last crops: the backward starts with those (in reverse
+order) and skips their recompute.
+
+With a ``torch.distributed`` process group, each rank runs its share of the crops; the
+stitched outputs (zero outside a rank's blocks) and the gradients are summed across the
+ranks, so every rank ends with the same output map and the full gradients.
 """
 
 from __future__ import annotations
@@ -81,12 +87,18 @@ class Executor:
         deterministic: bool,
         normalize: tuple[Sequence[float], Sequence[float]] | None,
         device: torch.device | None,
+        memory_budget: int | None = None,
+        channels_last: bool = False,
+        process_group: Any = None,
     ):
         self.model = model
         self.verbose = verbose
         self.deterministic = deterministic
         self.normalize = normalize
         self.device = device
+        self.memory_budget = memory_budget
+        self.channels_last = channels_last
+        self.process_group = process_group
 
     # ------------------------------------------------------------------ inputs
 
@@ -114,7 +126,7 @@ class Executor:
             leaf = raw.detach().to(dtype).requires_grad_(True)
             raw = leaf
         if self.normalize is None:
-            return raw, leaf
+            return self._layout(raw), leaf
         mean, std = self.normalize
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean_t = torch.as_tensor(mean, dtype=dtype, device=raw.device).reshape(shape)
@@ -123,19 +135,68 @@ class Executor:
             crop_in = raw.to(dtype, copy=True)
             if not x.is_floating_point():
                 crop_in.div_(255.0)
-            return crop_in.sub_(mean_t).div_(std_t), None
+            return self._layout(crop_in.sub_(mean_t).div_(std_t)), None
         crop_in = leaf if x.is_floating_point() else leaf / 255.0
-        return (crop_in - mean_t) / std_t, leaf
+        return self._layout((crop_in - mean_t) / std_t), leaf
+
+    def _layout(self, crop: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and crop.dim() in (4, 5):
+            fmt = torch.channels_last if crop.dim() == 4 else torch.channels_last_3d
+            return crop.contiguous(memory_format=fmt)
+        return crop
 
     # ------------------------------------------------------------------ helpers
 
-    def _crops(self, plan: TilePlan, what: str):
-        crops = plan.crops
+    def _progress(self, items: list, what: str):
         if self.verbose:
             from tqdm.auto import tqdm
 
-            return tqdm(crops, desc=f"tilefn {what}", unit="tile", leave=False)
-        return crops
+            return tqdm(items, desc=f"tilefn {what}", unit="tile", leave=False)
+        return items
+
+    def my_crops(self, plan: TilePlan) -> list[int]:
+        """Indices of the crops this process runs, in plan order: all of them, or with a
+        process group this rank's share (largest crops first to the least loaded rank,
+        the same on every rank because the plan is)."""
+        if self.process_group is None:
+            return list(range(len(plan.crops)))
+        import torch.distributed as dist
+
+        world = dist.get_world_size(self.process_group)
+        rank = dist.get_rank(self.process_group)
+        if plan.n_tiles < world:
+            raise PlanError(
+                f"streamify: the plan has {plan.n_tiles} tiles for {world} ranks of the "
+                "process group, so some ranks would have no work. Use a smaller tile_size "
+                "(or fewer ranks)."
+            )
+        load = [0] * world
+        mine = []
+        order = sorted(range(plan.n_tiles), key=lambda i: (-_volume(plan.crops[i].box), i))
+        for i in order:
+            r = min(range(world), key=lambda j: (load[j], j))
+            load[r] += _volume(plan.crops[i].box)
+            if r == rank:
+                mine.append(i)
+        return sorted(mine)
+
+    def kept_crops(self, plan: TilePlan, mine: list[int]) -> set[int]:
+        """The crops whose autograd graphs the forward keeps for the backward: the last
+        ones this process runs, as many as the memory budget allows after the streaming
+        working set (``plan.memory_estimate``, which already holds one crop graph)."""
+        if self.memory_budget is None or not mine:
+            return set()
+        biggest = max(_volume(plan.crops[i].box) for i in mine)
+        per_px = plan.crop_activation_bytes / biggest
+        spare = self.memory_budget - plan.memory_estimate + plan.crop_activation_bytes
+        kept: set[int] = set()
+        for i in reversed(mine):
+            cost = per_px * _volume(plan.crops[i].box)
+            if cost > spare:
+                break
+            spare -= cost
+            kept.add(i)
+        return kept
 
     @staticmethod
     def _indices(plan: TilePlan, crop: Crop, o: int):
@@ -181,23 +242,43 @@ class Executor:
     # ------------------------------------------------------------------ forward / vjp
 
     def forward(
-        self, x: torch.Tensor, plan: TilePlan, rng: RngState | None = None
-    ) -> list[torch.Tensor]:
+        self,
+        x: torch.Tensor,
+        plan: TilePlan,
+        rng: RngState | None = None,
+        keep: bool = False,
+        want_input: bool = False,
+    ) -> tuple[list[torch.Tensor], dict[int, _Kept]]:
+        """The stitched outputs, and (``keep=True``, under a memory budget) the graphs of
+        the crops whose recompute the backward can skip."""
+        mine = self.my_crops(plan)
+        kept_ids = self.kept_crops(plan, mine) if keep else set()
+        kept: dict[int, _Kept] = {}
         outs: list[torch.Tensor | None] = [None] * len(plan.output_shapes)
-        with torch.no_grad(), batchnorm_eval(self.model), _deterministic(self.deterministic):
-            for crop in self._crops(plan, "forward"):
-                x_crop, _ = self.read(x, crop, requires_grad=False)
-                leaves = self._run(x_crop, plan, rng)
-                for o, leaf in enumerate(leaves):
+        new = torch.Tensor.new_zeros if self.process_group is not None else torch.Tensor.new_empty
+        with batchnorm_eval(self.model), _deterministic(self.deterministic):
+            for i in self._progress(mine, "forward"):
+                crop = plan.crops[i]
+                with torch.set_grad_enabled(i in kept_ids):
+                    x_crop, leaf = self.read(x, crop, requires_grad=want_input and i in kept_ids)
+                    leaves = self._run(x_crop, plan, rng)
+                for o, out in enumerate(leaves):
                     if outs[o] is None:
-                        outs[o] = leaf.new_empty(plan.output_shapes[o])
+                        outs[o] = new(out, plan.output_shapes[o])
                     idx = self._indices(plan, crop, o)
                     if idx is None:
                         continue
-                    self._check(plan, o, leaf, idx[1])
-                    outs[o][idx[0]] = leaf[idx[1]]
-                del leaves, x_crop
-        return outs  # type: ignore[return-value]
+                    self._check(plan, o, out, idx[1])
+                    outs[o][idx[0]] = out[idx[1]].detach()
+                if i in kept_ids:
+                    kept[i] = _Kept(leaves, leaf)
+                del leaves, x_crop, leaf
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            for out in outs:
+                dist.all_reduce(out, group=self.process_group)
+        return outs, kept  # type: ignore[return-value]
 
     def vjp(
         self,
@@ -208,23 +289,33 @@ class Executor:
         want_input: bool,
         rng: RngState | None = None,
         autocast: _AutocastState | None = None,
+        kept: dict[int, _Kept] | None = None,
     ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         # The recompute replays the forward's draws from ``rng``; leave the caller's RNG as
         # it was.
         saved = RngState(rng.device) if rng is not None else None
         try:
-            return self._vjp(x, plan, cotangents, params, want_input, rng, autocast)
+            grads, input_grad = self._vjp(
+                x, plan, cotangents, params, want_input, rng, autocast, kept or {}
+            )
         finally:
             if saved is not None:
                 saved.restore()
+        if self.process_group is not None:
+            grads, input_grad = self._all_reduce(grads, params, input_grad)
+        return grads, input_grad
 
-    def _vjp(self, x, plan, cotangents, params, want_input, rng, autocast):
+    def _vjp(self, x, plan, cotangents, params, want_input, rng, autocast, kept):
         grads: list[torch.Tensor | None] = [None] * len(params)
         input_grad = None
         if want_input:
             input_grad = torch.zeros(x.shape, dtype=self.compute_dtype(x), device=x.device)
+        # Kept graphs first (the last crops of the forward), so their memory goes first.
+        order = sorted(self.my_crops(plan), key=lambda i: (i not in kept, -i))
         with batchnorm_eval(self.model), _deterministic(self.deterministic):
-            for crop in self._crops(plan, "backward"):
+            for i in self._progress(order, "backward"):
+                crop = plan.crops[i]
+                stored = kept.pop(i, None)
                 owned = [
                     (o, self._indices(plan, crop, o))
                     for o, c in enumerate(cotangents)
@@ -233,11 +324,16 @@ class Executor:
                 owned = [(o, idx) for o, idx in owned if idx is not None]
                 if not owned:
                     continue
-                with torch.enable_grad(), (
-                    autocast.apply() if autocast is not None else contextlib.nullcontext()
+                with (
+                    torch.enable_grad(),
+                    autocast.apply() if autocast is not None else contextlib.nullcontext(),
                 ):
-                    x_crop, leaf = self.read(x, crop, requires_grad=want_input)
-                    leaves = self._run(x_crop, plan, rng)
+                    if stored is not None and (stored.leaf is not None or not want_input):
+                        leaves, leaf = stored.outputs, stored.leaf
+                    else:
+                        x_crop, leaf = self.read(x, crop, requires_grad=want_input)
+                        leaves = self._run(x_crop, plan, rng)
+                        del x_crop
                     pieces, cots = [], []
                     for o, (dst, src) in owned:
                         piece = leaves[o][src]
@@ -245,18 +341,54 @@ class Executor:
                             continue
                         pieces.append(piece)
                         cots.append(cotangents[o][dst].to(device=piece.device, dtype=piece.dtype))
+                del stored
                 if not pieces:
                     continue
                 inputs = list(params) + ([leaf] if leaf is not None else [])
                 got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
-                for i, g in enumerate(got[: len(params)]):
+                for k, g in enumerate(got[: len(params)]):
                     if g is None:
                         continue
-                    grads[i] = g if grads[i] is None else grads[i].add_(g)
+                    grads[k] = g if grads[k] is None else grads[k].add_(g)
                 if leaf is not None and got[-1] is not None:
                     _scatter_add(input_grad, crop.box, got[-1])  # type: ignore[arg-type]
-                del leaves, pieces, got, x_crop, leaf
+                del leaves, pieces, got, leaf
         return grads, input_grad
+
+    def _all_reduce(self, grads, params, input_grad):
+        """Sum the gradients of every rank's crops (one collective per dtype)."""
+        import torch.distributed as dist
+
+        full = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for k, g in enumerate(full):
+            by_dtype.setdefault(g.dtype, []).append(k)
+        for ks in by_dtype.values():
+            flat = torch.cat([full[k].reshape(-1) for k in ks])
+            dist.all_reduce(flat, group=self.process_group)
+            pos = 0
+            for k in ks:
+                n = full[k].numel()
+                full[k] = flat[pos : pos + n].view_as(full[k]).clone()
+                pos += n
+        if input_grad is not None:
+            dist.all_reduce(input_grad, group=self.process_group)
+        return full, input_grad
+
+
+@dataclass
+class _Kept:
+    """A crop's outputs with their autograd graph, kept from the forward for the backward."""
+
+    outputs: list[torch.Tensor]
+    leaf: torch.Tensor | None
+
+
+def _volume(box: tuple[tuple[int, int], ...]) -> int:
+    v = 1
+    for a, b in box:
+        v *= b - a
+    return v
 
 
 def _segments(start: int, stop: int, size: int) -> list[tuple[int, int, int]]:
@@ -345,14 +477,17 @@ class StreamedFunction(torch.autograd.Function):
         else:  # an ArrayImage: read again, crop by crop, in the backward
             ctx.image = x
         ctx.set_materialize_grads(False)
-        return tuple(executor.forward(x, plan, ctx.rng))
+        want_input = isinstance(x, torch.Tensor) and x.requires_grad
+        outs, ctx.kept = executor.forward(x, plan, ctx.rng, keep=True, want_input=want_input)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *cotangents):
         (x,) = (ctx.image,) if hasattr(ctx, "image") else ctx.saved_tensors
         want_input = ctx.needs_input_grad[2]
         executor: Executor = ctx.executor
+        kept, ctx.kept = ctx.kept, {}  # used once; a second backward recomputes
         grads, input_grad = executor.vjp(
-            x, ctx.plan, cotangents, ctx.params, want_input, ctx.rng, ctx.autocast
+            x, ctx.plan, cotangents, ctx.params, want_input, ctx.rng, ctx.autocast, kept
         )
         return (None, None, input_grad, *grads)

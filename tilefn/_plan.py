@@ -24,7 +24,7 @@ from ._errors import PlanError, TileSizeError, UnsupportedLayerError
 from ._geometry import Circular, Graph, Identity, Upsample, Window, align_down
 from ._trace import Trace, trace
 
-__all__ = ["Span", "Crop", "TilePlan", "make_plan", "check_tile_size"]
+__all__ = ["Span", "Crop", "TilePlan", "auto_plan", "make_plan", "check_tile_size", "kept_volume"]
 
 
 @dataclass(frozen=True)
@@ -219,9 +219,7 @@ class _DimPlanner:
             if crop is not None:
                 start, stop, need = crop
                 blocks = _blocks(self.graph, self.k, b, c, n)
-                out.append(
-                    (Span(start, stop, tuple(blocks[o] for o in self.graph.outputs)), need)
-                )
+                out.append((Span(start, stop, tuple(blocks[o] for o in self.graph.outputs)), need))
             b = c
         return out
 
@@ -323,76 +321,158 @@ def make_plan(
 ) -> tuple[TilePlan, Trace]:
     """Record ``model`` on meta tensors and tile ``input_shape`` with crops of at most
     ``tile_size``. Returns the plan and the full-image trace."""
-    input_shape = tuple(int(s) for s in input_shape)
-    ndim = len(input_shape) - 2
-    tiles = _as_tuple(tile_size, ndim)
-    full = trace(model, input_shape, dtype)
-    graph = full.graph
-    lengths = input_shape[2:]
-    aligns = tuple(graph.alignment(k) for k in range(ndim))
-    periodic = [graph.periodic(k) for k in range(ndim)]
-    for k in range(ndim):
-        if periodic[k]:
-            _check_periodic(graph, k, lengths[k], aligns[k])
-    planners = [
-        _DimPlanner(graph, k, lengths[k], aligns[k], periodic[k]) for k in range(ndim)
-    ]
-    spans_needs = []
-    try:
-        for k, planner in enumerate(planners):
-            spans_needs.append(planner.spans(tiles[k]))
-    except _TooSmall:
-        minimum = tuple(min(p.min_tile(), n) for p, n in zip(planners, lengths))
-        short = [k for k in range(ndim) if tiles[k] < minimum[k]] or [k]
-        need = minimum[0] if ndim == 1 else minimum
-        raise TileSizeError(
-            f"streamify: tile_size {tiles[0] if ndim == 1 else tiles} is too small for this "
-            f"network's receptive field along spatial dim{'s' if len(short) > 1 else ''} "
-            f"{', '.join(map(str, short))} (alignment {aligns[0] if ndim == 1 else aligns}). "
-            f"Use tile_size >= {need} for input shape {input_shape}."
-        ) from None
-    spans = tuple(tuple(s for s, _ in sn) for sn in spans_needs)
-    # Check the sizes the model really produces on each distinct crop length.
-    base = [max(s.length for s in spans[k]) for k in range(ndim)]
-    crop_traces: dict[tuple[int, ...], Trace] = {}
+    planner = _Planner(model, input_shape, dtype)
+    return planner.plan(_as_tuple(tile_size, planner.ndim)), planner.full
 
-    def crop_trace(shape: tuple[int, ...]) -> Trace:
-        if shape not in crop_traces:
-            t = trace(model, input_shape[:2] + shape, dtype)
-            if t.op_names != full.op_names:
+
+def auto_plan(
+    model: nn.Module, input_shape: Sequence[int], memory_budget: int, dtype: torch.dtype
+) -> tuple[TilePlan, Trace]:
+    """The plan whose training step the cost model expects to be fastest among those whose
+    memory estimate fits ``memory_budget`` (bytes), counting crop graphs kept from the
+    forward (see :func:`kept_volume`) as recompute saved.
+
+    Cost of a step in units of one forward over the image: ``3a`` (forward and backward
+    over all crops) plus the fraction of the image recomputed in the backward. Candidate
+    tiles run from the whole image down to the minimum tile in steps of about 10%; their
+    memory is estimated from the per-pixel activation size, and the chosen one is planned
+    exactly (stepping down while its exact estimate exceeds the budget)."""
+    planner = _Planner(model, input_shape, dtype)
+    lengths = planner.lengths
+    minimum = max(planner.min_tile())
+    top = max(lengths)
+    cands = sorted({top, minimum} | {int(top * 0.9**k) for k in range(200)}, reverse=True)
+    cands = [t for t in cands if t >= minimum]
+    area = math.prod(lengths)
+    per_px = planner.full.activation_bytes / area
+    fixed = planner.fixed_bytes()
+    scored = []
+    for t in cands:
+        try:
+            spans = planner.spans(tuple(min(t, n) for n in lengths))
+        except _TooSmall:
+            continue
+        biggest = math.prod(max(s.length for s in spans_k) for spans_k in spans)
+        act = per_px * biggest
+        estimate = fixed + 2 * act
+        if estimate > memory_budget:
+            continue
+        volumes = [math.prod(s.length for s in combo) for combo in itertools.product(*spans)]
+        a = sum(volumes) / area
+        kept = kept_volume(volumes, per_px, memory_budget - estimate + act)
+        scored.append((3 * a + (sum(volumes) - kept) / area, -t, t))
+    for _, _, t in sorted(scored):
+        plan = planner.plan(tuple(min(t, n) for n in lengths))
+        if plan.memory_estimate <= memory_budget:
+            return plan, planner.full
+    smallest = planner.plan(tuple(min(minimum, n) for n in lengths))
+    raise TileSizeError(
+        f"streamify: memory_budget {memory_budget / 2**20:.1f} MiB is below the memory "
+        f"estimate of the smallest possible tile ({smallest.tile_size}: "
+        f"{smallest.memory_estimate / 2**20:.1f} MiB for input shape {planner.input_shape}). "
+        "Raise memory_budget, or pass a tile_size and no budget."
+    )
+
+
+def kept_volume(volumes: Sequence[int], bytes_per_px: float, spare: float) -> int:
+    """How many pixels of crops (taken from the last one backwards) have graphs that fit
+    in ``spare`` bytes."""
+    kept = 0
+    for v in reversed(volumes):
+        if bytes_per_px * v > spare:
+            break
+        spare -= bytes_per_px * v
+        kept += v
+    return kept
+
+
+class _Planner:
+    """Plans for one model and input shape; traces and per-dim geometry are shared
+    between the tile sizes tried."""
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.ndim = len(self.input_shape) - 2
+        self.full = full = trace(model, self.input_shape, dtype)
+        graph = self.graph = full.graph
+        ndim = self.ndim
+        self.lengths = lengths = self.input_shape[2:]
+        self.aligns = tuple(graph.alignment(k) for k in range(ndim))
+        periodic = [graph.periodic(k) for k in range(ndim)]
+        for k in range(ndim):
+            if periodic[k]:
+                _check_periodic(graph, k, lengths[k], self.aligns[k])
+        self.planners = [
+            _DimPlanner(graph, k, lengths[k], self.aligns[k], periodic[k]) for k in range(ndim)
+        ]
+        self.crop_traces: dict[tuple[int, ...], Trace] = {}
+        self._min_tile: tuple[int, ...] | None = None
+
+    def min_tile(self) -> tuple[int, ...]:
+        if self._min_tile is None:
+            self._min_tile = tuple(
+                min(p.min_tile(), n) for p, n in zip(self.planners, self.lengths)
+            )
+        return self._min_tile
+
+    def fixed_bytes(self) -> int:
+        """Parameters and their gradients, the image, the stitched outputs and theirs."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        out_bytes = sum(math.prod(s) for s in self.full.out_shapes) * itemsize
+        return 2 * params + math.prod(self.input_shape) * itemsize + 2 * out_bytes
+
+    def spans(self, tiles: tuple[int, ...]) -> list[list[Span]]:
+        return [[s for s, _ in p.spans(t)] for p, t in zip(self.planners, tiles)]
+
+    def crop_trace(self, shape: tuple[int, ...]) -> Trace:
+        if shape not in self.crop_traces:
+            t = trace(self.model, self.input_shape[:2] + shape, self.dtype)
+            if t.op_names != self.full.op_names:
                 raise PlanError(
                     f"streamify: the model runs different ops on a crop of spatial shape {shape} "
-                    f"than on the image {lengths}: its forward depends on the input size. "
+                    f"than on the image {self.lengths}: its forward depends on the input size. "
                     "tilefn needs a forward whose ops do not change with the image size."
                 )
-            crop_traces[shape] = t
-        return crop_traces[shape]
+            self.crop_traces[shape] = t
+        return self.crop_traces[shape]
 
-    for k in range(ndim):
-        for span, need in spans_needs[k]:
-            shape = tuple(span.length if j == k else base[j] for j in range(ndim))
-            _check_crop_sizes(graph, k, lengths[k], span, need, crop_trace(shape).graph)
-    biggest = crop_trace(tuple(base))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    out_bytes = sum(math.prod(s) for s in full.out_shapes) * itemsize
-    estimate = (
-        2 * params
-        + math.prod(input_shape) * itemsize
-        + 2 * out_bytes
-        + 2 * biggest.activation_bytes
-    )
-    plan = TilePlan(
-        input_shape=input_shape,
-        tile_size=tiles,
-        alignment=aligns,
-        spans=spans,
-        output_shapes=full.out_shapes,
-        output_strides=tuple(graph.nodes[o].scales for o in graph.outputs),
-        output_spatial_dims=full.out_spatial_dims,
-        min_tile_size=tuple(min(p.min_tile(), lengths[k]) for k, p in enumerate(planners)),
-        crop_activation_bytes=biggest.activation_bytes,
-        memory_estimate=estimate,
-        uses_rng=full.uses_rng,
-    )
-    return plan, full
+    def plan(self, tiles: tuple[int, ...]) -> TilePlan:
+        ndim, lengths, aligns = self.ndim, self.lengths, self.aligns
+        graph, full = self.graph, self.full
+        spans_needs = []
+        try:
+            for k, planner in enumerate(self.planners):
+                spans_needs.append(planner.spans(tiles[k]))
+        except _TooSmall:
+            minimum = self.min_tile()
+            short = [k for k in range(ndim) if tiles[k] < minimum[k]] or [k]
+            need = minimum[0] if ndim == 1 else minimum
+            raise TileSizeError(
+                f"streamify: tile_size {tiles[0] if ndim == 1 else tiles} is too small for this "
+                f"network's receptive field along spatial dim{'s' if len(short) > 1 else ''} "
+                f"{', '.join(map(str, short))} (alignment {aligns[0] if ndim == 1 else aligns}). "
+                f"Use tile_size >= {need} for input shape {self.input_shape}."
+            ) from None
+        spans = tuple(tuple(s for s, _ in sn) for sn in spans_needs)
+        # Check the sizes the model really produces on each distinct crop length.
+        base = [max(s.length for s in spans[k]) for k in range(ndim)]
+        for k in range(ndim):
+            for span, need in spans_needs[k]:
+                shape = tuple(span.length if j == k else base[j] for j in range(ndim))
+                _check_crop_sizes(graph, k, lengths[k], span, need, self.crop_trace(shape).graph)
+        biggest = self.crop_trace(tuple(base))
+        return TilePlan(
+            input_shape=self.input_shape,
+            tile_size=tiles,
+            alignment=aligns,
+            spans=spans,
+            output_shapes=full.out_shapes,
+            output_strides=tuple(graph.nodes[o].scales for o in graph.outputs),
+            output_spatial_dims=full.out_spatial_dims,
+            min_tile_size=self.min_tile(),
+            crop_activation_bytes=biggest.activation_bytes,
+            memory_estimate=self.fixed_bytes() + 2 * biggest.activation_bytes,
+            uses_rng=full.uses_rng,
+        )
