@@ -190,3 +190,36 @@ def test_channels_last_is_exact() -> None:
     x = _data()
     backbone, _ = tilefn.streamify(net, 48, channels_last=True)
     _assert_same(_grads(net, backbone, x), _grads(net, net, x))
+
+
+@pytest.mark.parametrize("crop_batch", [2, 4])
+@pytest.mark.parametrize("budget", [None, 3 * 2**20])
+def test_crop_batch_is_exact(crop_batch: int, budget: int | None) -> None:
+    net, x = make_net(), _data()
+    backbone, _ = tilefn.streamify(net, 48, crop_batch=crop_batch, memory_budget=budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = backbone.plan(x.shape)
+        groups = backbone._executor.groups(plan, list(range(plan.n_tiles)), set())
+        assert any(len(g) > 1 for g in groups)
+        assert all(len(g) <= crop_batch for g in groups)
+        _assert_same(_grads(net, backbone, x), _grads(net, net, x))
+
+
+def test_crop_batch_runs_random_models_one_crop_at_a_time() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Dropout2d(0.5)).double().train()
+    backbone, _ = tilefn.streamify(net, 24, crop_batch=4)
+    plan = backbone.plan((2, 3, 60, 50))
+    groups = backbone._executor.groups(plan, list(range(plan.n_tiles)), set())
+    assert all(len(g) == 1 for g in groups)
+    x = _data((2, 3, 60, 50))
+    torch.manual_seed(7)
+    got = _grads(net, backbone, x)
+    torch.manual_seed(7)
+    _assert_same(got, _grads(net, net, x))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_crop_batch(bad) -> None:
+    with pytest.raises(tilefn.OptionError, match="crop_batch"):
+        tilefn.streamify(make_net(), 48, crop_batch=bad)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
@@ -16,17 +15,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 def run_example(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in a fresh interpreter that imports tilefn from this checkout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run(
-        [sys.executable, str(script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_script(script, *args, timeout=timeout)
 
 
 def test_examples_exist():

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
+
+from _scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_example(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ``examples/<script>`` in a fresh interpreter that imports tilefn from this checkout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run(
-        [sys.executable, "-W", "error", str(ROOT / "examples" / script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+    return run_script(
+        ROOT / "examples" / script, *args, timeout=timeout, python_args=["-W", "error"]
     )
 
 

@@ -3,7 +3,6 @@ the main job's data set claims: its classes differ at full resolution and vanish
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _scripts import run_script
 
 import tilefn
 import tilefn.testing
@@ -26,17 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_example(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args, "--threads", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    proc = run_script(EXAMPLES / script, *args, "--threads", "1", timeout=timeout)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return proc
 
@@ -91,16 +81,11 @@ def test_train_slides_reuses_data(tiny_run):
 
 def test_train_slides_min_acc_fails_loudly(tiny_run):
     data, args, _ = tiny_run
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, str(EXAMPLES / "train_slides.py"), *args, "--data-dir", str(data)]
-    proc = subprocess.run(
-        [*cmd, "--min-acc", "1.01", "--threads", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = run_script(
+        EXAMPLES / "train_slides.py",
+        *args,
+        *("--data-dir", str(data), "--min-acc", "1.01", "--threads", "1"),
         timeout=300,
-        check=False,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAILED: val_acc" in proc.stderr

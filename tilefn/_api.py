@@ -31,6 +31,7 @@ _VALID_OPTIONS = (
     "memory_budget",
     "channels_last",
     "process_group",
+    "crop_batch",
 )
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -302,6 +303,10 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
             plain one instead of ``4a/3``. Needed by ``tile_size="auto"``.
         channels_last (bool): feed crops in ``torch.channels_last`` memory format (convert
             the model too: ``model.to(memory_format=torch.channels_last)``).
+        crop_batch (int): run up to this many same-shaped crops in one model call, stacked
+            along the batch dim (default 1). Fewer, larger kernel launches for small tiles
+            on a GPU; the crop working set grows by the same factor. Models that draw
+            random numbers always run one crop at a time.
         process_group (torch.distributed.ProcessGroup): tile parallelism for one image:
             each rank of the group runs its share of the crops, the output map is summed
             across ranks (each position is computed by exactly one rank) and so are the
@@ -365,6 +370,9 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
             f"streamify: option channels_last must be True or False, got "
             f"{options['channels_last']!r}."
         )
+    crop_batch = options.get("crop_batch", 1)
+    if isinstance(crop_batch, bool) or not isinstance(crop_batch, int) or crop_batch < 1:
+        raise OptionError(f"streamify: crop_batch must be an int >= 1, got {crop_batch!r}.")
     group = options.get("process_group")
     if group is not None:
         import torch.distributed as dist
@@ -388,6 +396,7 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
         memory_budget=budget,
         channels_last=bool(options.get("channels_last", False)),
         process_group=group,
+        crop_batch=crop_batch,
     )
     backbone = StreamedBackbone(model, tile_size, executor)
 

@@ -90,6 +90,7 @@ class Executor:
         memory_budget: int | None = None,
         channels_last: bool = False,
         process_group: Any = None,
+        crop_batch: int = 1,
     ):
         self.model = model
         self.verbose = verbose
@@ -99,6 +100,7 @@ class Executor:
         self.memory_budget = memory_budget
         self.channels_last = channels_last
         self.process_group = process_group
+        self.crop_batch = crop_batch
 
     # ------------------------------------------------------------------ inputs
 
@@ -239,6 +241,48 @@ class Executor:
                     f"not match the planned {shape} outside the spatial dims."
                 )
 
+    def groups(self, plan: TilePlan, order: Sequence[int], alone: set[int]) -> list[list[int]]:
+        """Consecutive crops of one shape, up to ``crop_batch`` per model call. Crops in
+        ``alone`` (kept graphs) run by themselves; with per-sample randomness every crop
+        does, since a batch would draw different numbers for its samples."""
+        k = 1 if plan.uses_rng else self.crop_batch
+        out: list[list[int]] = []
+        for i in order:
+            last = out[-1] if out else None
+            if (
+                last is not None
+                and len(last) < k
+                and i not in alone
+                and last[0] not in alone
+                and _lengths(plan.crops[i].box) == _lengths(plan.crops[last[0]].box)
+            ):
+                last.append(i)
+            else:
+                out.append([i])
+        return out
+
+    def _run_group(
+        self, x, plan: TilePlan, group: list[int], rng: RngState | None, want_input: bool
+    ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor | None]]:
+        """Run the model once on the crops of ``group`` stacked along the batch dim; per
+        crop, its output leaves and its input leaf (or None)."""
+        reads = [self.read(x, plan.crops[i], requires_grad=want_input) for i in group]
+        if len(group) == 1:
+            return [self._run(reads[0][0], plan, rng)], [reads[0][1]]
+        batch = torch.cat([r[0] for r in reads])
+        leaves = self._run(batch, plan, rng)
+        n = reads[0][0].shape[0]
+        for leaf in leaves:
+            if leaf.dim() == 0 or leaf.shape[0] != n * len(group):
+                raise PlanError(
+                    f"streamify: with crop_batch={self.crop_batch} the model got {len(group)} "
+                    f"crops stacked along dim 0 (batch {n * len(group)}), but an output has "
+                    f"shape {tuple(leaf.shape)}: the model's outputs must keep the batch dim "
+                    "first. Use crop_batch=1 for this model."
+                )
+        per_crop = [[leaf[j * n : (j + 1) * n] for leaf in leaves] for j in range(len(group))]
+        return per_crop, [r[1] for r in reads]
+
     # ------------------------------------------------------------------ forward / vjp
 
     def forward(
@@ -257,22 +301,23 @@ class Executor:
         outs: list[torch.Tensor | None] = [None] * len(plan.output_shapes)
         new = torch.Tensor.new_zeros if self.process_group is not None else torch.Tensor.new_empty
         with batchnorm_eval(self.model), _deterministic(self.deterministic):
-            for i in self._progress(mine, "forward"):
-                crop = plan.crops[i]
-                with torch.set_grad_enabled(i in kept_ids):
-                    x_crop, leaf = self.read(x, crop, requires_grad=want_input and i in kept_ids)
-                    leaves = self._run(x_crop, plan, rng)
-                for o, out in enumerate(leaves):
-                    if outs[o] is None:
-                        outs[o] = new(out, plan.output_shapes[o])
-                    idx = self._indices(plan, crop, o)
-                    if idx is None:
-                        continue
-                    self._check(plan, o, out, idx[1])
-                    outs[o][idx[0]] = out[idx[1]].detach()
-                if i in kept_ids:
-                    kept[i] = _Kept(leaves, leaf)
-                del leaves, x_crop, leaf
+            for group in self._progress(self.groups(plan, mine, kept_ids), "forward"):
+                grad = group[0] in kept_ids
+                with torch.set_grad_enabled(grad):
+                    per_crop, inputs = self._run_group(x, plan, group, rng, want_input and grad)
+                for i, leaves, leaf in zip(group, per_crop, inputs):
+                    crop = plan.crops[i]
+                    for o, out in enumerate(leaves):
+                        if outs[o] is None:
+                            outs[o] = new(out, plan.output_shapes[o])
+                        idx = self._indices(plan, crop, o)
+                        if idx is None:
+                            continue
+                        self._check(plan, o, out, idx[1])
+                        outs[o][idx[0]] = out[idx[1]].detach()
+                    if grad:
+                        kept[i] = _Kept(leaves, leaf)
+                del per_crop, inputs
         if self.process_group is not None:
             import torch.distributed as dist
 
@@ -312,47 +357,55 @@ class Executor:
             input_grad = torch.zeros(x.shape, dtype=self.compute_dtype(x), device=x.device)
         # Kept graphs first (the last crops of the forward), so their memory goes first.
         order = sorted(self.my_crops(plan), key=lambda i: (i not in kept, -i))
+        owned_by = {}
+        for i in order:
+            owned = [
+                (o, self._indices(plan, plan.crops[i], o))
+                for o, c in enumerate(cotangents)
+                if c is not None
+            ]
+            owned_by[i] = [(o, idx) for o, idx in owned if idx is not None]
+        order = [i for i in order if owned_by[i]]
+        usable = {i for i, k in kept.items() if k.leaf is not None or not want_input}
         with batchnorm_eval(self.model), _deterministic(self.deterministic):
-            for i in self._progress(order, "backward"):
-                crop = plan.crops[i]
-                stored = kept.pop(i, None)
-                owned = [
-                    (o, self._indices(plan, crop, o))
-                    for o, c in enumerate(cotangents)
-                    if c is not None
-                ]
-                owned = [(o, idx) for o, idx in owned if idx is not None]
-                if not owned:
-                    continue
+            for group in self._progress(self.groups(plan, order, usable), "backward"):
                 with (
                     torch.enable_grad(),
                     autocast.apply() if autocast is not None else contextlib.nullcontext(),
                 ):
-                    if stored is not None and (stored.leaf is not None or not want_input):
-                        leaves, leaf = stored.outputs, stored.leaf
+                    if group[0] in usable:
+                        stored = kept.pop(group[0])
+                        per_crop, leafs = [stored.outputs], [stored.leaf]
+                        del stored
                     else:
-                        x_crop, leaf = self.read(x, crop, requires_grad=want_input)
-                        leaves = self._run(x_crop, plan, rng)
-                        del x_crop
+                        per_crop, leafs = self._run_group(x, plan, group, rng, want_input)
                     pieces, cots = [], []
-                    for o, (dst, src) in owned:
-                        piece = leaves[o][src]
-                        if piece.grad_fn is None:
-                            continue
-                        pieces.append(piece)
-                        cots.append(cotangents[o][dst].to(device=piece.device, dtype=piece.dtype))
-                del stored
+                    for i, leaves in zip(group, per_crop):
+                        for o, (dst, src) in owned_by[i]:
+                            piece = leaves[o][src]
+                            if piece.grad_fn is None:
+                                continue
+                            pieces.append(piece)
+                            cots.append(
+                                cotangents[o][dst].to(device=piece.device, dtype=piece.dtype)
+                            )
+                del per_crop
                 if not pieces:
                     continue
-                inputs = list(params) + ([leaf] if leaf is not None else [])
+                inputs = list(params) + [leaf for leaf in leafs if leaf is not None]
                 got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
                 for k, g in enumerate(got[: len(params)]):
                     if g is None:
                         continue
                     grads[k] = g if grads[k] is None else grads[k].add_(g)
-                if leaf is not None and got[-1] is not None:
-                    _scatter_add(input_grad, crop.box, got[-1])  # type: ignore[arg-type]
-                del leaves, pieces, got, leaf
+                input_grads = iter(got[len(params) :])
+                for i, leaf in zip(group, leafs):
+                    if leaf is None:
+                        continue
+                    g = next(input_grads)
+                    if g is not None:
+                        _scatter_add(input_grad, plan.crops[i].box, g)  # type: ignore[arg-type]
+                del pieces, got, leafs
         return grads, input_grad
 
     def _all_reduce(self, grads, params, input_grad):
@@ -382,6 +435,10 @@ class _Kept:
 
     outputs: list[torch.Tensor]
     leaf: torch.Tensor | None
+
+
+def _lengths(box: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+    return tuple(b - a for a, b in box)
 
 
 def _volume(box: tuple[tuple[int, int], ...]) -> int:
