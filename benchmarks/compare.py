@@ -377,6 +377,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
         return out, loss
 
+    for _ in range(case.get("warmup", 0)):  # untimed: allocator and caches as in a loop
+        step()
     rec["rss_before_step_bytes"] = current_rss()
     rec["peak_before_step"] = peak_rss()
     times = []
@@ -443,7 +445,12 @@ def build_cases(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[di
                 f"--systems {system}: give its options with --tilefn-options '{system[7:]}={{...}}'"
             )
     have_ls = importlib.util.find_spec("lightstream") is not None
-    base = {"threads": args.threads, "repeats": args.repeats, "max_plain_gb": args.max_plain_gb}
+    base = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "max_plain_gb": args.max_plain_gb,
+    }
     if "lightstream" in args.systems:
         base["lightstream_max_tiles"] = args.lightstream_max_tiles
     cases, skipped = [], []
@@ -948,6 +955,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=int,
         default=1,
         help="timed steps per case; the minimum is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="untimed steps before the timed ones, for every system (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout", type=float, default=3600, help="seconds per case (default: %(default)s)"

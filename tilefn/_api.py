@@ -298,7 +298,8 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
         memory_budget (int | float): bytes the streamed step may use (compared with
             ``plan.memory_estimate``). Under grad mode the forward keeps the autograd
             graphs of its last crops while they fit in what the plan leaves of the
-            budget, and the backward uses them instead of recomputing those crops; with
+            budget (without a budget: the last crop only, which costs no extra peak
+            memory), and the backward uses them instead of recomputing those crops; with
             a budget that holds every crop graph, a training step costs ``a`` times a
             plain one instead of ``4a/3``. Needed by ``tile_size="auto"``.
         channels_last (bool): feed crops in ``torch.channels_last`` memory format (convert

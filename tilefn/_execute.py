@@ -5,9 +5,10 @@ Backward by linearity: the output positions are partitioned among the crops, so 
 parameter gradient ``J^T g`` is the sum over crops of the gradient of
 ``<g restricted to the crop's block, f(crop)>``, which ordinary autograd computes exactly
 on the crop. Each crop is recomputed with autograd, backpropagated and freed before the
-next one, so only one crop graph is alive at a time, unless a memory budget lets the
-forward keep the graphs of its last crops: the backward starts with those (in reverse
-order) and skips their recompute.
+next one, so only one crop graph is alive at a time. The forward keeps the graph of its
+last crop (the backward's first, so this costs no extra peak memory), or with a memory
+budget the graphs of as many of its last crops as fit: the backward starts with those (in
+reverse order) and skips their recompute.
 
 With a ``torch.distributed`` process group, each rank runs its share of the crops; the
 stitched outputs (zero outside a rank's blocks) and the gradients are summed across the
@@ -185,9 +186,15 @@ class Executor:
     def kept_crops(self, plan: TilePlan, mine: list[int]) -> set[int]:
         """The crops whose autograd graphs the forward keeps for the backward: the last
         ones this process runs, as many as the memory budget allows after the streaming
-        working set (``plan.memory_estimate``, which already holds one crop graph)."""
-        if self.memory_budget is None or not mine:
+        working set (``plan.memory_estimate``, which already holds one crop graph).
+
+        Without a budget, the last crop only: its graph is what the backward would
+        rebuild first, so keeping it costs no memory beyond the estimate's working set
+        and saves one crop's recompute (a whole recompute when the plan has one tile)."""
+        if not mine:
             return set()
+        if self.memory_budget is None:
+            return {mine[-1]}
         biggest = max(_volume(plan.crops[i].box) for i in mine)
         per_px = plan.crop_activation_bytes / biggest
         spare = self.memory_budget - plan.memory_estimate + plan.crop_activation_bytes
