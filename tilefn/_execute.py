@@ -300,8 +300,8 @@ class Executor:
         keep: bool = False,
         want_input: bool = False,
     ) -> tuple[list[torch.Tensor], dict[int, _Kept]]:
-        """The stitched outputs, and (``keep=True``, under a memory budget) the graphs of
-        the crops whose recompute the backward can skip."""
+        """The stitched outputs, and with ``keep=True`` (under grad) the graphs of the crops
+        whose recompute the backward can skip (see :meth:`kept_crops`)."""
         mine = self.my_crops(plan)
         kept_ids = self.kept_crops(plan, mine) if keep else set()
         kept: dict[int, _Kept] = {}
