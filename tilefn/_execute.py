@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from ._errors import PlanError
 from ._inputs import ArrayImage
-from ._plan import Crop, TilePlan
+from ._plan import Crop, TilePlan, kept_count
 from ._trace import batchnorm_eval
 
 __all__ = ["Executor", "RngState", "StreamedFunction", "model_dtype"]
@@ -195,17 +195,11 @@ class Executor:
             return set()
         if self.memory_budget is None:
             return {mine[-1]}
-        biggest = max(_volume(plan.crops[i].box) for i in mine)
-        per_px = plan.crop_activation_bytes / biggest
+        volumes = [_volume(plan.crops[i].box) for i in mine]
+        per_px = plan.crop_activation_bytes / max(volumes)
         spare = self.memory_budget - plan.memory_estimate + plan.crop_activation_bytes
-        kept: set[int] = set()
-        for i in reversed(mine):
-            cost = per_px * _volume(plan.crops[i].box)
-            if cost > spare:
-                break
-            spare -= cost
-            kept.add(i)
-        return kept
+        n = kept_count(volumes, per_px, spare)
+        return set(mine[len(mine) - n :])
 
     @staticmethod
     def _indices(plan: TilePlan, crop: Crop, o: int):

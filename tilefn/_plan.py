@@ -24,7 +24,7 @@ from ._errors import PlanError, TileSizeError, UnsupportedLayerError
 from ._geometry import Circular, Graph, Identity, Upsample, Window, align_down
 from ._trace import Trace, trace
 
-__all__ = ["Span", "Crop", "TilePlan", "auto_plan", "make_plan", "check_tile_size", "kept_volume"]
+__all__ = ["Span", "Crop", "TilePlan", "auto_plan", "make_plan", "check_tile_size", "kept_count"]
 
 
 @dataclass(frozen=True)
@@ -330,7 +330,7 @@ def auto_plan(
 ) -> tuple[TilePlan, Trace]:
     """The plan whose training step the cost model expects to be fastest among those whose
     memory estimate fits ``memory_budget`` (bytes), counting crop graphs kept from the
-    forward (see :func:`kept_volume`) as recompute saved.
+    forward (see :func:`kept_count`) as recompute saved.
 
     Cost of a step in units of one forward over the image: ``3a`` (forward and backward
     over all crops) plus the fraction of the image recomputed in the backward. Candidate
@@ -359,7 +359,8 @@ def auto_plan(
             continue
         volumes = [math.prod(s.length for s in combo) for combo in itertools.product(*spans)]
         a = sum(volumes) / area
-        kept = kept_volume(volumes, per_px, memory_budget - estimate + act)
+        n = kept_count(volumes, per_px, memory_budget - estimate + act)
+        kept = sum(volumes[len(volumes) - n :])
         scored.append((3 * a + (sum(volumes) - kept) / area, -t, t))
     for _, _, t in sorted(scored):
         plan = planner.plan(tuple(min(t, n) for n in lengths))
@@ -374,16 +375,16 @@ def auto_plan(
     )
 
 
-def kept_volume(volumes: Sequence[int], bytes_per_px: float, spare: float) -> int:
-    """How many pixels of crops (taken from the last one backwards) have graphs that fit
-    in ``spare`` bytes."""
-    kept = 0
+def kept_count(volumes: Sequence[int], bytes_per_px: float, spare: float) -> int:
+    """How many crops, taken from the last one backwards, have graphs that fit in ``spare``
+    bytes (a crop's graph: ``bytes_per_px`` times its volume)."""
+    n = 0
     for v in reversed(volumes):
         if bytes_per_px * v > spare:
             break
         spare -= bytes_per_px * v
-        kept += v
-    return kept
+        n += 1
+    return n
 
 
 class _Planner:
