@@ -58,15 +58,25 @@ def main(out_dir: Path, accumulate: int) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     module = Recording(
-        make_trunk(), make_head(), nn.functional.cross_entropy, tile_size=40,
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1), accumulate_grad_batches=accumulate,
+        make_trunk(),
+        make_head(),
+        nn.functional.cross_entropy,
+        tile_size=40,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        accumulate_grad_batches=accumulate,
     )
     x, y = make_data()
     # Lightning adds a DistributedSampler: rank 0 reads images 0, 2; rank 1 reads 1, 3.
     data = DataLoader(TensorDataset(x, y), batch_size=1, shuffle=False)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, data)
 

@@ -20,7 +20,9 @@ MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 def net2d() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2),
     ).double()
 
 
@@ -117,7 +119,9 @@ def test_zarr_and_tiff_as_zarr(tmp_path):
     backbone, _ = tilefn.streamify(net2d(), 64, normalize=(MEAN, STD))
     want = streamed_result(backbone, torch.from_numpy(arr))
 
-    z = zarr.open(str(tmp_path / "x.zarr"), mode="w", shape=arr.shape, chunks=(1, 3, 64, 64), dtype="u1")
+    z = zarr.open(
+        str(tmp_path / "x.zarr"), mode="w", shape=arr.shape, chunks=(1, 3, 64, 64), dtype="u1"
+    )
     z[:] = arr
     assert_same(streamed_result(backbone, zarr.open(str(tmp_path / "x.zarr"), mode="r")), want)
 
@@ -175,19 +179,28 @@ def test_zarr_slide_streams_with_memory_far_below_its_size(tmp_path):
     crop, its activations, zarr's chunk buffers; the output is 16 MiB), 83 MiB at 4096^2."""
     zarr = pytest.importorskip("zarr")
     size = 16384
-    z = zarr.open(str(tmp_path / "slide.zarr"), mode="w", shape=(1, 3, size, size),
-                  chunks=(1, 3, 1024, 1024), dtype="u1")
+    z = zarr.open(
+        str(tmp_path / "slide.zarr"),
+        mode="w",
+        shape=(1, 3, size, size),
+        chunks=(1, 3, 1024, 1024),
+        dtype="u1",
+    )
     ramp = (np.arange(1024, dtype=np.uint16)[:, None] + np.arange(1024)[None, :]).astype(np.uint8)
     for i in range(0, size, 1024):  # written chunk by chunk: this process stays small too
         for j in range(0, size, 1024):
             z[0, :, i : i + 1024, j : j + 1024] = ramp[None] + np.uint8((i + j) // 1024)
     proc = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "slide.zarr")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     image_mib = 3 * size * size / 2**20
     grew_mib = (r["after_kib"] - r["before_kib"]) / 1024
     assert r["out"] == [1, 4, size // 16, size // 16] and r["finite"]
-    assert grew_mib < 0.25 * image_mib, f"peak RSS grew {grew_mib:.0f} MiB for a {image_mib:.0f} MiB slide"
+    assert grew_mib < 0.25 * image_mib, (
+        f"peak RSS grew {grew_mib:.0f} MiB for a {image_mib:.0f} MiB slide"
+    )

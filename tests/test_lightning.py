@@ -141,7 +141,11 @@ def test_accumulation_matches_a_plain_loop_including_the_partial_group():
         opt.zero_grad()
 
     module = Recording(
-        trunk, head, nn.functional.cross_entropy, tile_size=TILE, optimizer=sgd(),
+        trunk,
+        head,
+        nn.functional.cross_entropy,
+        tile_size=TILE,
+        optimizer=sgd(),
         accumulate_grad_batches=2,
     )
     trainer(max_epochs=1).fit(module, loader(x, y))
@@ -159,8 +163,13 @@ def test_gradient_clipping(algorithm):
     want = plain_grads(trunk, head, x, y)
     clip = 1e-3
     module = Recording(
-        trunk, head, nn.functional.cross_entropy, tile_size=TILE, optimizer=sgd(),
-        gradient_clip_val=clip, gradient_clip_algorithm=algorithm,
+        trunk,
+        head,
+        nn.functional.cross_entropy,
+        tile_size=TILE,
+        optimizer=sgd(),
+        gradient_clip_val=clip,
+        gradient_clip_algorithm=algorithm,
     )
     trainer(max_steps=1).fit(module, loader(x, y))
     got = module.seen_grads[0]
@@ -180,11 +189,19 @@ def test_lr_schedulers_are_stepped(interval):
     x, y = make_data(n=4)
 
     def scheduler(opt):
-        return {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5), "interval": interval}
+        return {
+            "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
+            "interval": interval,
+        }
 
     module = StreamedModule(
-        make_trunk(), make_head(), nn.functional.cross_entropy, tile_size=TILE,
-        optimizer=sgd(0.1), lr_scheduler=scheduler, accumulate_grad_batches=2,
+        make_trunk(),
+        make_head(),
+        nn.functional.cross_entropy,
+        tile_size=TILE,
+        optimizer=sgd(0.1),
+        lr_scheduler=scheduler,
+        accumulate_grad_batches=2,
     )
     trainer(max_epochs=3).fit(module, loader(x, y))
     steps = 3 * 2 if interval == "step" else 3  # 2 optimizer steps per epoch
@@ -200,8 +217,12 @@ def test_reduce_lr_on_plateau_with_monitor():
         return {"scheduler": s, "monitor": "val_loss"}
 
     module = StreamedModule(
-        make_trunk(), make_head(), nn.functional.cross_entropy, tile_size=TILE,
-        optimizer=sgd(0.1), lr_scheduler=scheduler,
+        make_trunk(),
+        make_head(),
+        nn.functional.cross_entropy,
+        tile_size=TILE,
+        optimizer=sgd(0.1),
+        lr_scheduler=scheduler,
     )
     trainer(max_epochs=3).fit(module, loader(x, y), loader(x, y))
     # A relative threshold of 10 means no epoch counts as an improvement (not even the first,
@@ -216,7 +237,11 @@ def test_frozen_trunk_trains_the_head_only():
     before_head = copy.deepcopy(head.state_dict())
     x, y = make_data(n=2)
     module = Recording(
-        trunk, head, nn.functional.cross_entropy, tile_size=TILE, optimizer=sgd(),
+        trunk,
+        head,
+        nn.functional.cross_entropy,
+        tile_size=TILE,
+        optimizer=sgd(),
         freeze_trunk=True,
     )
     trainer(max_epochs=1).fit(module, loader(x, y), loader(x, y))
@@ -232,7 +257,10 @@ def test_frozen_trunk_trains_the_head_only():
 def test_metrics_and_losses_are_logged_per_stage():
     x, y = make_data(n=4)
     module = StreamedModule(
-        make_trunk(), make_head(), nn.functional.cross_entropy, tile_size=TILE,
+        make_trunk(),
+        make_head(),
+        nn.functional.cross_entropy,
+        tile_size=TILE,
         metrics={"acc": torchmetrics.Accuracy(task="multiclass", num_classes=3)},
     )
     t = trainer(max_epochs=1)
@@ -291,7 +319,11 @@ def test_fp16_grad_scaler_unscales_before_clipping():
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want.values()]))
     scale = 2.0**12
     module = Recording(
-        trunk, head, nn.functional.cross_entropy, tile_size=TILE, optimizer=sgd(),
+        trunk,
+        head,
+        nn.functional.cross_entropy,
+        tile_size=TILE,
+        optimizer=sgd(),
         gradient_clip_val=float(10 * norm),  # far above the true norm, far below the scaled one
     )
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
@@ -311,7 +343,10 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
 
     def module():
         return StreamedModule(
-            make_trunk(), make_head(), nn.functional.cross_entropy, tile_size=TILE,
+            make_trunk(),
+            make_head(),
+            nn.functional.cross_entropy,
+            tile_size=TILE,
             optimizer=adam,
         )
 
@@ -331,7 +366,9 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     assert resumed.optimizers().state_dict()["state"][0]["step"] == 6  # Adam state restored
 
     loaded = StreamedModule.load_from_checkpoint(
-        tmp_path / "last.ckpt", trunk=make_trunk(), head=make_head(),
+        tmp_path / "last.ckpt",
+        trunk=make_trunk(),
+        head=make_head(),
         loss_fn=nn.functional.cross_entropy,
     )
     for (name, a), b in zip(first.state_dict().items(), loaded.state_dict().values()):
@@ -391,7 +428,11 @@ def test_ddp_two_processes_match_single_process_gradients(tmp_path, accumulate):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, str(DDP_SCRIPT), str(tmp_path), str(accumulate)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sys.path.insert(0, str(DDP_SCRIPT.parent))

@@ -248,7 +248,11 @@ class StreamedBackbone(nn.Module):
                 raise InputError(
                     f"streamed_vjp: cotangent {i} must be a tensor of the output's shape "
                     f"{tuple(shape)}, got "
-                    + (f"shape {tuple(c.shape)}" if isinstance(c, torch.Tensor) else type(c).__name__)
+                    + (
+                        f"shape {tuple(c.shape)}"
+                        if isinstance(c, torch.Tensor)
+                        else type(c).__name__
+                    )
                     + "."
                 )
         named = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
@@ -364,7 +368,9 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
         try:
             device = torch.device(device)
         except (TypeError, RuntimeError):
-            raise OptionError(f"streamify: device must be a torch.device or str, got {device!r}.") from None
+            raise OptionError(
+                f"streamify: device must be a torch.device or str, got {device!r}."
+            ) from None
     budget = _check_budget(tile_size, options.get("memory_budget"), "streamify")
     if not isinstance(options.get("channels_last", False), bool):
         raise OptionError(

@@ -775,24 +775,73 @@ def _new_tensor(call: OpCall) -> OpGeometry:
 
 def _register_defaults() -> None:
     for packet in (
-        aten._to_copy, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy,
-        aten.contiguous, aten.fill_, aten.zero_, aten._prelu_kernel, aten.where,
-        aten.masked_fill, aten.masked_fill_, aten.fill, aten.native_dropout_backward,
-        aten.leaky_relu, aten.leaky_relu_, aten.hardtanh, aten.hardtanh_, aten.gelu, aten.gelu_,
-        aten.silu, aten.silu_, aten.mish, aten.mish_, aten.elu, aten.elu_, aten.hardswish,
-        aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.softplus, aten.threshold,
-        aten.threshold_, aten.log_sigmoid_forward, aten.relu6, aten.celu, aten.selu, aten.clamp,
-        aten.clamp_, aten.clamp_min, aten.clamp_min_, aten.clamp_max, aten.clamp_max_,
-        aten.softshrink, aten.hardshrink, aten.copy_,
+        aten._to_copy,
+        aten.clone,
+        aten.alias,
+        aten.detach,
+        aten.lift_fresh_copy,
+        aten.contiguous,
+        aten.fill_,
+        aten.zero_,
+        aten._prelu_kernel,
+        aten.where,
+        aten.masked_fill,
+        aten.masked_fill_,
+        aten.fill,
+        aten.native_dropout_backward,
+        aten.leaky_relu,
+        aten.leaky_relu_,
+        aten.hardtanh,
+        aten.hardtanh_,
+        aten.gelu,
+        aten.gelu_,
+        aten.silu,
+        aten.silu_,
+        aten.mish,
+        aten.mish_,
+        aten.elu,
+        aten.elu_,
+        aten.hardswish,
+        aten.hardswish_,
+        aten.hardsigmoid,
+        aten.hardsigmoid_,
+        aten.softplus,
+        aten.threshold,
+        aten.threshold_,
+        aten.log_sigmoid_forward,
+        aten.relu6,
+        aten.celu,
+        aten.selu,
+        aten.clamp,
+        aten.clamp_,
+        aten.clamp_min,
+        aten.clamp_min_,
+        aten.clamp_max,
+        aten.clamp_max_,
+        aten.softshrink,
+        aten.hardshrink,
+        aten.copy_,
     ):
         register_rule(packet, pointwise)
-    for packet in (aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like,
-                   aten.rand_like, aten.randn_like, aten.randint_like):
+    for packet in (
+        aten.empty_like,
+        aten.zeros_like,
+        aten.ones_like,
+        aten.full_like,
+        aten.rand_like,
+        aten.randn_like,
+        aten.randint_like,
+    ):
         register_rule(packet, _like)
     for packet in (aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias):
         register_rule(packet, _view)
-    for packet in (aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full,
-                   aten.new_empty_strided):
+    for packet in (
+        aten.new_empty,
+        aten.new_zeros,
+        aten.new_ones,
+        aten.new_full,
+        aten.new_empty_strided,
+    ):
         register_rule(packet, _new_tensor)
     register_rule(aten.permute, _permute)
     register_rule(aten.transpose, _transpose)
@@ -806,24 +855,56 @@ def _register_defaults() -> None:
         register_rule(packet, _split)
     register_rule(aten.cat, _cat)
     register_rule(aten.stack, _stack)
-    for packet in (aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.var,
-                   aten.std, aten.var_mean, aten.std_mean, aten.logsumexp, aten.prod,
-                   aten.argmax, aten.argmin, aten.any, aten.all, aten.norm,
-                   aten.linalg_vector_norm):
+    for packet in (
+        aten.sum,
+        aten.mean,
+        aten.amax,
+        aten.amin,
+        aten.max,
+        aten.min,
+        aten.var,
+        aten.std,
+        aten.var_mean,
+        aten.std_mean,
+        aten.logsumexp,
+        aten.prod,
+        aten.argmax,
+        aten.argmin,
+        aten.any,
+        aten.all,
+        aten.norm,
+        aten.linalg_vector_norm,
+    ):
         register_rule(packet, _reduce)
-    for packet in (aten._softmax, aten._log_softmax, aten.softmax, aten.log_softmax,
-                   aten.cumsum, aten.cumprod):
+    for packet in (
+        aten._softmax,
+        aten._log_softmax,
+        aten.softmax,
+        aten.log_softmax,
+        aten.cumsum,
+        aten.cumprod,
+    ):
         register_rule(packet, _along_dim)
     register_rule(aten.native_layer_norm, _layer_norm)
-    for packet in (aten.native_batch_norm, aten._native_batch_norm_legit_no_training,
-                   aten._native_batch_norm_legit, aten.batch_norm):
+    for packet in (
+        aten.native_batch_norm,
+        aten._native_batch_norm_legit_no_training,
+        aten._native_batch_norm_legit,
+        aten.batch_norm,
+    ):
         register_rule(packet, _batch_norm)
     register_rule(aten.native_group_norm, _group_norm)
     for packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
         register_rule(packet, _mm)
     register_rule(aten.convolution, _convolution)
-    for packet in (aten.max_pool2d_with_indices, aten.max_pool3d_with_indices,
-                   aten.avg_pool2d, aten.avg_pool3d, aten.max_pool2d, aten.max_pool3d):
+    for packet in (
+        aten.max_pool2d_with_indices,
+        aten.max_pool3d_with_indices,
+        aten.avg_pool2d,
+        aten.avg_pool3d,
+        aten.max_pool2d,
+        aten.max_pool3d,
+    ):
         register_rule(packet, _pool)
     register_rule(aten.constant_pad_nd, _constant_pad)
     register_rule(aten.pixel_shuffle, _pixel_shuffle)
@@ -832,17 +913,38 @@ def _register_defaults() -> None:
         register_rule(packet, _reflect_pad)
     for packet in (aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d):
         register_rule(packet, _replicate_pad)
-    for packet in (aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
-                   aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d,
-                   aten._upsample_nearest_exact3d, aten.upsample_linear1d,
-                   aten.upsample_bilinear2d, aten.upsample_trilinear3d, aten.upsample_bicubic2d):
+    for packet in (
+        aten.upsample_nearest1d,
+        aten.upsample_nearest2d,
+        aten.upsample_nearest3d,
+        aten._upsample_nearest_exact1d,
+        aten._upsample_nearest_exact2d,
+        aten._upsample_nearest_exact3d,
+        aten.upsample_linear1d,
+        aten.upsample_bilinear2d,
+        aten.upsample_trilinear3d,
+        aten.upsample_bicubic2d,
+    ):
         register_rule(packet, _upsample)
-    for packet in (aten._adaptive_avg_pool2d, aten._adaptive_avg_pool3d, aten.adaptive_max_pool2d,
-                   aten.adaptive_max_pool3d, aten.adaptive_avg_pool1d,
-                   aten.adaptive_max_pool1d):
+    for packet in (
+        aten._adaptive_avg_pool2d,
+        aten._adaptive_avg_pool3d,
+        aten.adaptive_max_pool2d,
+        aten.adaptive_max_pool3d,
+        aten.adaptive_avg_pool1d,
+        aten.adaptive_max_pool1d,
+    ):
         register_rule(packet, _GLOBAL_POOL)
-    for packet in (aten.bernoulli, aten.bernoulli_, aten.uniform_, aten.normal_,
-                   aten.native_dropout, aten.exponential_, aten.random_, aten.rand_like):
+    for packet in (
+        aten.bernoulli,
+        aten.bernoulli_,
+        aten.uniform_,
+        aten.normal_,
+        aten.native_dropout,
+        aten.exponential_,
+        aten.random_,
+        aten.rand_like,
+    ):
         register_rule(packet, _RANDOM)
 
 

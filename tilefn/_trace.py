@@ -245,7 +245,6 @@ class _Recorder(TorchDispatchMode):
             outputs.append(self.add_node(o, layout, Node(sizes, scales)))
         self.ops.append(Op(str(func), self.where(), tuple(inputs), tuple(outputs)))
 
-
     def circular_pad(self, x: torch.Tensor, pad: list[int], run) -> torch.Tensor:
         """Record ``F.pad(x, pad, mode="circular")`` as one op (aten decomposes it into
         in-place writes into slices)."""
@@ -390,11 +389,17 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) ->
         if node is None:
             raise UnsupportedLayerError(
                 f"streamify: the model's output {i} is "
-                + ("not a tensor" if not isinstance(leaf, torch.Tensor) else "not computed from the input")
+                + (
+                    "not a tensor"
+                    if not isinstance(leaf, torch.Tensor)
+                    else "not computed from the input"
+                )
                 + f" ({type(leaf).__name__}). A streamed model must return tensors computed "
                 "from the image (a tensor, or a tuple/list/dict of them)."
             )
-        lone = {dim[0]: j for j, dim in enumerate(rec.layouts[node]) if len(dim) == 1 and dim[0] >= 0}
+        lone = {
+            dim[0]: j for j, dim in enumerate(rec.layouts[node]) if len(dim) == 1 and dim[0] >= 0
+        }
         if len(lone) != ndim:
             raise UnsupportedLayerError(
                 f"streamify: the model's output {i} merges spatial dims with other dims "

@@ -69,8 +69,7 @@ def assert_streams_like(
         ref_leaves = tree_flatten(ref)[0]
         gen = torch.Generator().manual_seed(seed + 1)
         cots = [
-            torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.dtype)
-            for r in ref_leaves
+            torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.dtype) for r in ref_leaves
         ]
         inputs = [p for _, p in named] + ([x_ref] if x_ref.requires_grad else [])
         ref_grads = torch.autograd.grad(ref_leaves, inputs, cots, allow_unused=True)

@@ -13,12 +13,25 @@ import re
 _ROLE = re.compile(r":(?:func|class|meth|attr|exc|mod|data|obj):<code>(~?)([\w.]+)(\(\))?</code>")
 
 _RULES = {
-    "pointwise", "OpCall", "OpGeometry", "TensorArg", "Refuse", "DimMap",
-    "Identity", "Window", "TransposedWindow", "Upsample", "Reflect",
+    "pointwise",
+    "OpCall",
+    "OpGeometry",
+    "TensorArg",
+    "Refuse",
+    "DimMap",
+    "Identity",
+    "Window",
+    "TransposedWindow",
+    "Upsample",
+    "Reflect",
 }
 _MODULE_METHODS = {
-    "configure_optimizers", "on_before_optimizer_step", "on_train_epoch_end", "train",
-    "unpack_batch", "forward",
+    "configure_optimizers",
+    "on_before_optimizer_step",
+    "on_train_epoch_end",
+    "train",
+    "unpack_batch",
+    "forward",
 }
 
 
@@ -36,8 +49,7 @@ def _replace(match: re.Match[str]) -> str:
     tilde, name, call = match.group(1), match.group(2), match.group(3) or ""
     shown = name.rsplit(".", 1)[-1] if tilde else name
     return (
-        f'<autoref identifier="{_identifier(name)}" optional>'
-        f"<code>{shown}{call}</code></autoref>"
+        f'<autoref identifier="{_identifier(name)}" optional><code>{shown}{call}</code></autoref>'
     )
 
 
