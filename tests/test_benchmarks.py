@@ -1,8 +1,12 @@
-"""benchmarks/compare.py runs end to end on a tiny model: results, agreement, table and plot."""
+"""benchmarks/compare.py end to end on a tiny model (results, agreement, table, plot), its
+--no-doc / --no-plot flags and its errors for empty paths."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,16 +63,71 @@ def test_compare_tiny(tmp_path: Path):
     assert "old" not in text
     table = [line for line in text.splitlines() if line.startswith("| tiny | 256² | 128 |")]
     assert len(table) == 2, text
-    assert "tilefn/limit" in text and "img/b.png" in text
+    assert "tilefn/limit" in text and "](img/b.png)" in text
     assert plot.stat().st_size > 1000
 
     # --report re-renders from the file alone
     doc.unlink()
+    plot_bytes = plot.read_bytes()
     proc = run_script(
-        SCRIPT, "--report", "--results", str(results), "--doc", str(doc), "--plot", "",
+        SCRIPT, "--report", "--results", str(results), "--doc", str(doc), "--no-plot",
         timeout=120, env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (
         "<!-- results:start -->" in doc.read_text() and "| tiny | 256² | 128 |" in doc.read_text()
     )
+    assert "](img/b.png)" not in doc.read_text()  # no plot, no link to one
+    assert plot.read_bytes() == plot_bytes and "plot ->" not in proc.stdout
+
+
+def test_compare_no_doc_no_plot(tmp_path: Path):
+    """``--no-doc --no-plot`` writes the results and nothing else; run from another folder, the
+    script still finds its sibling modules, in the parent and in the worker."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    args = ["--models", "tiny", "--sizes", "128", "--tiles", "64", "--systems", "plain,tilefn"]
+    args += ["--modes", "infer", "--threads", "1", "--results", "r.jsonl", "--no-doc", "--no-plot"]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    recs = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["system"], r["status"]) for r in recs] == [("plain", "ok"), ("tilefn", "ok")], recs
+    assert "| tiny | 128² | 64 |" in proc.stdout  # the table is still printed
+    assert "table ->" not in proc.stdout and "plot ->" not in proc.stdout
+    # the defaults (docs/benchmarks.md, docs/img/benchmarks.png) are relative to the cwd
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "flag, value, hint",
+    [
+        ("--doc", "", "--no-doc"),
+        ("--plot", "", "--no-plot"),
+        ("--results", "", None),
+        ("--doc", "''", "--no-doc"),  # a doubly quoted '' arrives as two quote characters
+        ("--plot", " ", "--no-plot"),
+    ],
+)
+def test_compare_empty_path_is_an_error(tmp_path: Path, flag: str, value: str, hint: str | None):
+    results = tmp_path / "r.jsonl"
+    results.write_text("")
+    args = ["--report", "--results", str(results), "--doc", str(tmp_path / "d.md")]
+    args += ["--plot", str(tmp_path / "p.png"), flag, value]
+    proc = run_script(SCRIPT, *args, timeout=60)
+    assert proc.returncode == 2, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert f"argument {flag}: empty path" in proc.stderr, proc.stderr
+    if hint:
+        assert hint in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == [results] and proc.stdout == ""
+
+
+def test_compare_help_and_exclusive_flags():
+    proc = run_script(SCRIPT, "--help", timeout=60, env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    for text in ("--doc DOC | --no-doc", "--plot PLOT | --no-plot", "write no plot"):
+        assert text in proc.stdout, proc.stdout
+    proc = run_script(SCRIPT, "--report", "--doc", "x.md", "--no-doc", timeout=60)
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr, proc.stderr
