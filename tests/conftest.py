@@ -1,6 +1,6 @@
 """Shared test setup: deterministic kernels, few threads, and the plain-autograd reference.
 
-The non-streamed model is the reference for every tilefn test (STYLE.md section 5).
+The non-streamed model is the reference for every tilefn test (see docs/design.md).
 Models are built in float32 and converted with ``.double()`` explicitly; the default
 dtype is left alone on purpose.
 """
@@ -17,21 +17,6 @@ from torch.utils import _pytree as pytree
 
 torch.use_deterministic_algorithms(True)
 torch.set_num_threads(2)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: long-running tests (deselected by default)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect ``slow`` tests unless the run chose tests by marker (``-m ...``)."""
-    if config.option.markexpr:
-        return
-    kept = [item for item in items if item.get_closest_marker("slow") is None]
-    dropped = [item for item in items if item.get_closest_marker("slow") is not None]
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
 
 
 def tree_dot(outputs: Any, cotangents: Any) -> torch.Tensor:

@@ -348,6 +348,21 @@ def test_device_option_cpu() -> None:
     torch.testing.assert_close(backbone(x), model(x).detach(), **TOL)
 
 
+def test_device_option_moves_crops_to_that_device() -> None:
+    """Crops go to ``device=``, not to the device of the image or of the parameters: with
+    the model and image on the CPU and ``device="meta"`` (which runs CPU weights on meta
+    inputs), the stitched output lives on the meta device."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 4, 4)).double()
+    x = image(1, 3, 48, 48)
+    backbone, _ = tilefn.streamify(model, 24, device="meta")
+    with torch.no_grad():
+        out = backbone(x)
+    assert out.device.type == "meta" and out.shape == (1, 4, 12, 12)
+    default, _ = tilefn.streamify(model, 24)
+    with torch.no_grad():
+        assert default(x).device.type == "cpu"
+
+
 def test_vjp_does_not_touch_grad() -> None:
     model, x = make_model(), image(1, 3, 48, 48)
     _, streamed_vjp = tilefn.streamify(model, 24, saliency=True)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tilefn
+from tilefn._schedule import crop_groups, kept_crops
 
 
 def make_net() -> nn.Module:
@@ -57,7 +58,7 @@ def _assert_same(got, ref) -> None:
 def _kept(backbone, x) -> tuple[int, int]:
     plan = backbone.plan(x.shape)
     mine = backbone._executor.my_crops(plan)
-    return len(backbone._executor.kept_crops(plan, mine)), len(mine)
+    return len(kept_crops(plan, mine, backbone.options.memory_budget)), len(mine)
 
 
 @pytest.mark.parametrize("budget", [2**20, 3 * 2**20, 2**30])
@@ -82,7 +83,7 @@ def test_budget_keeps_the_last_crops_and_counts_their_memory() -> None:
     backbone, _ = tilefn.streamify(net, 48, memory_budget=budget)
     kept, total = _kept(backbone, x)
     assert 1 <= kept < total
-    kept_ids = backbone._executor.kept_crops(plan, list(range(total)))
+    kept_ids = kept_crops(plan, list(range(total)), budget)
     assert kept_ids == set(range(total - kept, total))
 
 
@@ -153,7 +154,8 @@ def test_auto_tile_fits_the_budget_and_is_exact() -> None:
     assert plan.n_tiles > 1
     assert plan.memory_estimate <= budget
     backbone, _ = tilefn.streamify(net, "auto", memory_budget=budget)
-    assert backbone.plan(x.shape) is plan  # the same cached plan
+    assert backbone.plan(x.shape) == plan  # the same plan, cached by the backbone
+    assert backbone.plan(x.shape) is backbone.plan(x.shape)
     _assert_same(_grads(net, backbone, x), _grads(net, net, x))
 
 
@@ -200,7 +202,7 @@ def test_crop_batch_is_exact(crop_batch: int, budget: int | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plan = backbone.plan(x.shape)
-        groups = backbone._executor.groups(plan, list(range(plan.n_tiles)), set())
+        groups = crop_groups(plan, list(range(plan.n_tiles)), set(), crop_batch)
         assert any(len(g) > 1 for g in groups)
         assert all(len(g) <= crop_batch for g in groups)
         _assert_same(_grads(net, backbone, x), _grads(net, net, x))
@@ -210,7 +212,7 @@ def test_crop_batch_runs_random_models_one_crop_at_a_time() -> None:
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Dropout2d(0.5)).double().train()
     backbone, _ = tilefn.streamify(net, 24, crop_batch=4)
     plan = backbone.plan((2, 3, 60, 50))
-    groups = backbone._executor.groups(plan, list(range(plan.n_tiles)), set())
+    groups = crop_groups(plan, list(range(plan.n_tiles)), set(), 4)
     assert all(len(g) == 1 for g in groups)
     x = _data((2, 3, 60, 50))
     torch.manual_seed(7)

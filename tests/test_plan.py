@@ -154,7 +154,7 @@ def test_overlap_decreases_as_tile_grows(r18: nn.Module) -> None:
 
 
 def test_overlap_matches_design_ballpark(r18: nn.Module) -> None:
-    """DESIGN.md section 4: tile 2048 on 3072^2 needs a <= 1.78 (uniform blocks); 1.66 is reachable."""
+    """docs/design.md#cost-model: a on 3072^2 is at most 1.78, the a of two full 2048 crops a dim."""
     p = tilefn.plan(r18, (1, 3, 3072, 3072), 2048)
     assert 1.0 < p.overlap <= 1.78 + 1e-9, p.overlap
 

@@ -41,12 +41,11 @@ def test_conv1d_encoder_decoder_plan() -> None:
 
 
 def test_plan_cache_keeps_recent_shapes_only() -> None:
-    from tilefn import _api
-
     net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1)).double()
     backbone, _ = tilefn.streamify(net, 8)
-    for size in range(10, 10 + _api._PLANS_PER_MODEL + 6):
+    limit = backbone._plans.maxsize
+    for size in range(10, 10 + limit + 6):
         backbone(torch.zeros(1, 1, size, 9, dtype=torch.float64))
-    assert len(_api._PLAN_CACHE[net]) == _api._PLANS_PER_MODEL
-    last = (1, 1, 10 + _api._PLANS_PER_MODEL + 5, 9)
+    assert len(backbone._plans) == limit == 64
+    last = (1, 1, 10 + limit + 5, 9)
     assert backbone.plan(last) is backbone.plan(last)

@@ -555,7 +555,7 @@ def check_plan(case: dict[str, Any]) -> None:
         for (start, stop), t, size, a in zip(box, tile, spatial, p.alignment):
             assert 0 <= start < stop <= size, (box, spatial)
             assert stop - start <= t, f"crop {box} wider than tile_size {tile}"
-            # DESIGN.md section 2: a crop starts at a multiple of the alignment, and either
+            # docs/design.md#exactness: a crop starts at a multiple of the alignment, and either
             # ends at the image end or has a length congruent to the image length mod A.
             assert start % a == 0, (
                 f"crop {box} does not start at a multiple of alignment {p.alignment}"

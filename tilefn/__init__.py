@@ -5,19 +5,11 @@
 the tile size, not on the image size.
 """
 
-from . import rules
+from . import _errors, rules
 from ._api import Streamed, StreamedBackbone, plan, streamify
-from ._errors import (
-    InputError,
-    InputTypeError,
-    OptionError,
-    PlanError,
-    TilefnError,
-    TileSizeError,
-    TraceError,
-    UnsupportedLayerError,
-)
+from ._errors import *  # noqa: F403 (the exception family, listed in _errors.__all__)
 from ._inputs import ArrayImage
+from ._options import StreamOptions
 from ._plan import Crop, Span, TilePlan
 from ._rules import register_rule
 from ._split import split
@@ -32,17 +24,11 @@ __all__ = [
     "rules",
     "Streamed",
     "StreamedBackbone",
+    "StreamOptions",
     "ArrayImage",
     "TilePlan",
     "Crop",
     "Span",
-    "TilefnError",
-    "UnsupportedLayerError",
-    "TileSizeError",
-    "InputError",
-    "InputTypeError",
-    "OptionError",
-    "TraceError",
-    "PlanError",
+    *_errors.__all__,
     "__version__",
 ]

@@ -54,3 +54,11 @@ class TraceError(TilefnError, RuntimeError):
 
 class PlanError(TilefnError, RuntimeError):
     """The model's sizes behave in a way the tiling plan cannot reproduce exactly."""
+
+
+def see_docs(section: str = "") -> str:
+    """The sentence that points an error message at the documentation page that explains
+    it: the page ``Limitations`` of the tilefn documentation, at ``section`` if given (a
+    heading of that page, e.g. ``"Circular padding"``)."""
+    where = f"'Limitations > {section}'" if section else "'Limitations'"
+    return f"See {where} in the tilefn documentation."

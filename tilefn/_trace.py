@@ -19,14 +19,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from ._errors import TilefnError, TraceError, UnsupportedLayerError
+from ._compat import (
+    BatchNormBase,
+    TorchDispatchMode,
+    TreeSpec,
+    is_view,
+    op_arguments,
+    op_name,
+    tree_flatten,
+    tree_unflatten,
+    writes_argument,
+)
+from ._errors import TilefnError, TraceError, UnsupportedLayerError, see_docs
 from ._geometry import Circular, DimMap, Graph, Identity, Node, Op
 from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, has_spatial, ns
+from ._view_rules import VIEW_RULES
+from ._window_rules import WINDOW_RULES
 
 __all__ = ["Trace", "trace", "batchnorm_eval"]
+
+# The built-in rules, registered when their modules are imported (here, before any trace).
+BUILTIN_RULES = (*VIEW_RULES, *WINDOW_RULES)
 
 
 @dataclass(frozen=True)
@@ -45,9 +59,7 @@ class Trace:
 @contextlib.contextmanager
 def batchnorm_eval(model: nn.Module) -> Iterator[None]:
     """Run every BatchNorm layer with its running statistics, restoring ``training`` after."""
-    flipped = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-    ]
+    flipped = [m for m in model.modules() if isinstance(m, BatchNormBase) and m.training]
     for m in flipped:
         m.training = False
     try:
@@ -58,14 +70,12 @@ def batchnorm_eval(model: nn.Module) -> Iterator[None]:
 
 
 def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound: dict[str, Any] = {}
-    schema_args = func._schema.arguments
-    for arg, value in zip(schema_args, args):
-        bound[arg.name] = value
+    schema = op_arguments(func)
+    bound: dict[str, Any] = {name: value for (name, _, _), value in zip(schema, args)}
     bound.update(kwargs)
-    for arg in schema_args:
-        if arg.name not in bound and arg.has_default_value():
-            bound[arg.name] = arg.default_value
+    for name, has_default, default in schema:
+        if name not in bound and has_default:
+            bound[name] = default
     return bound
 
 
@@ -122,7 +132,7 @@ class _Recorder(TorchDispatchMode):
             )
         elif err.fix:
             msg += f" How to fix: {err.fix}."
-        msg += " See docs/limitations.md."
+        msg += " " + see_docs()
         return UnsupportedLayerError(msg)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -159,12 +169,8 @@ class _Recorder(TorchDispatchMode):
         return out
 
     def _check_view_write(self, func, flat, tensors, spatial) -> None:
-        schema_args = func._schema.arguments
         for (pos, t), node in zip(tensors, spatial):
-            if pos >= len(schema_args):
-                continue
-            info = schema_args[pos].alias_info
-            if info is not None and info.is_write and t._base is not None:
+            if writes_argument(func, pos) and is_view(t):
                 others = [n for (p, _), n in zip(tensors, spatial) if p != pos and n is not None]
                 if others or node is not None:
                     raise self.refuse(
@@ -194,7 +200,7 @@ class _Recorder(TorchDispatchMode):
         bound = _bind(func, *args_with_info)
         rule = get_rule(func)
         if rule is None:
-            namespace, name = func._schema.name.split("::")
+            namespace, name = op_name(func)
             raise Refuse(
                 f"runs the op {func}, which has no geometry rule in tilefn",
                 "if the op is local (each output position reads a fixed window of input "
@@ -286,8 +292,12 @@ def _spatial_sizes(layout: Layout, shape, inherited: tuple[int, ...]) -> tuple[i
     return tuple(sizes)
 
 
-class _CircularPadMode(TorchFunctionMode):
-    """Sees ``F.pad(..., mode="circular")`` before aten decomposes it."""
+class _FunctionMode(TorchFunctionMode):
+    """Sees two functionals before aten decomposes them: ``F.pad(..., mode="circular")``
+    (which aten turns into in-place writes into slices; recorded as one op) and
+    ``F.interpolate`` (which, under deterministic algorithms, decomposes linear modes into
+    gathers; the geometry is the same, so it records the plain kernel, with deterministic
+    algorithms switched off for that one call only)."""
 
     def __init__(self, rec: _Recorder):
         super().__init__()
@@ -305,47 +315,52 @@ class _CircularPadMode(TorchFunctionMode):
                 and id(x) in self.rec.node_of
             ):
                 return self.rec.circular_pad(x, list(bound["pad"]), lambda: func(*args, **kwargs))
+        if func is F.interpolate and torch.are_deterministic_algorithms_enabled():
+            warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+            torch.use_deterministic_algorithms(False)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                torch.use_deterministic_algorithms(True, warn_only=warn_only)
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[None]:
-    names = {id(m): name for name, m in model.named_modules()}
+    """Keep ``stack`` at the (path, class) of the modules of ``model`` now running, through
+    hooks on the model's own modules (removed after)."""
+    handles = []
 
-    def pre(module, args):
-        stack.append((names.get(id(module), type(module).__name__), type(module).__name__))
+    def hooks(name: str, module: nn.Module):
+        def pre(module, args):
+            stack.append((name, type(module).__name__))
 
-    def post(module, args, output):
-        if stack:
-            stack.pop()
+        def post(module, args, output):
+            if stack:
+                stack.pop()
 
-    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
-    h2 = nn.modules.module.register_module_forward_hook(post, always_call=True)
+        return pre, post
+
     try:
+        for name, module in model.named_modules():
+            pre, post = hooks(name, module)
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post, always_call=True))
         yield
     finally:
-        h1.remove()
-        h2.remove()
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
 def _recording_state() -> Iterator[None]:
-    """Autocast would cast the (real) parameters but not the meta input, and deterministic
-    mode changes decompositions; geometry depends on neither, so record without them.
-    """
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    """Autocast would cast the (real) parameters but not the meta input; geometry does not
+    depend on it, so record without it."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast("cpu", enabled=False))
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
-        # Deterministic mode swaps some kernels (bilinear upsampling) for decompositions
-        # into gathers; the geometry is the same, so record the plain kernels.
-        torch.use_deterministic_algorithms(False)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        yield
 
 
 # Inference mode (Lightning's validation and predict loops) would hide the decomposition of
@@ -369,7 +384,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) ->
             batchnorm_eval(model),
             _module_paths(model, stack),
             rec,
-            _CircularPadMode(rec),
+            _FunctionMode(rec),
         ):
             out = model(x)
     except TilefnError:

@@ -47,6 +47,17 @@ class StreamedModule(pl.LightningModule):
     trunk by recomputing each crop (exact gradients for every trunk parameter). Validation,
     test and prediction run the streamed forward only: no gradients, no crop graphs kept.
 
+    Why it re-implements accumulation, clipping and scheduling: under manual optimization
+    Lightning does none of them (it refuses ``Trainer(accumulate_grad_batches=...)`` and
+    ``Trainer(gradient_clip_val=...)``, and neither steps the learning-rate schedulers nor reads
+    their ``"monitor"``), so this module does. ``training_step`` counts backward passes and
+    steps the optimizer every ``accumulate_grad_batches`` batches, and :meth:`on_train_epoch_end`
+    steps a partial group left at the end of the epoch; :meth:`on_before_optimizer_step` clips;
+    after each optimizer step and at each epoch end, the schedulers whose ``interval`` and
+    ``frequency`` fall due are stepped (``ReduceLROnPlateau`` with its monitored metric). The
+    logic lives in small helpers of this module: ``GradAccumulator``, ``scheduler_config``,
+    ``scheduler_is_due`` and ``step_scheduler``.
+
     Args:
         trunk: The local part of the network: a plain ``nn.Module`` (streamified here with
             ``tile_size`` and ``stream_options``) or the backbone returned by
@@ -74,9 +85,10 @@ class StreamedModule(pl.LightningModule):
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         freeze_trunk: Train the head only: the trunk's parameters stop requiring gradients,
             the trunk stays in eval mode, and its streamed forward keeps no crop graphs.
-        **stream_options: Options for :func:`tilefn.streamify` (``verbose``,
-            ``deterministic``, ``normalize``, ``saliency``, ``device``) when ``trunk`` is a
-            plain module.
+        **stream_options: When ``trunk`` is a plain module, the options of
+            :func:`tilefn.streamify`, each documented in full by :class:`tilefn.StreamOptions`:
+            ``saliency``, ``verbose``, ``deterministic``, ``normalize``, ``device``,
+            ``memory_budget``, ``channels_last``, ``crop_batch`` and ``process_group``.
 
     Batches are ``(image, target)`` pairs; override :meth:`unpack_batch` for other layouts.
     Subclasses that override :meth:`train`, :meth:`on_before_optimizer_step` or
@@ -168,7 +180,7 @@ class StreamedModule(pl.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.freeze_trunk = freeze_trunk
-        self._pending = 0  # backward passes accumulated since the last optimizer step
+        self._accumulator = GradAccumulator()  # backward passes since the last optimizer step
         self._monitors: dict[int, tuple[str, bool]] = {}  # scheduler id -> (metric, strict)
         if freeze_trunk:
             self.trunk.requires_grad_(False)
@@ -218,14 +230,9 @@ class StreamedModule(pl.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        config = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
-        config.setdefault("interval", "epoch")
-        # Under manual optimization Lightning ignores (and warns about) "monitor": the
-        # schedulers are stepped here, so keep the monitored metric name ourselves.
-        monitor = config.pop("monitor", None)
+        config, monitor = scheduler_config(self.lr_scheduler_factory(optimizer))
         if monitor is not None:
-            self._monitors[id(config["scheduler"])] = (monitor, config.pop("strict", True))
+            self._monitors[id(config["scheduler"])] = monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -233,18 +240,15 @@ class StreamedModule(pl.LightningModule):
         out = self(x)
         loss = self.loss_fn(out, y)
         self.manual_backward(loss / self.accumulate_grad_batches)
-        self._pending += 1
-        if self._pending == self.accumulate_grad_batches:
+        if self._accumulator.record_backward(self.accumulate_grad_batches):
             self._optimizer_step()
         self._log("train", loss, out, y, x.shape[0])
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
-        if self._pending:  # a partial accumulation group at the end of the epoch
+        if self._accumulator.flush():  # a partial accumulation group at the end of the epoch
             self._optimizer_step()
-        for config in self.trainer.lr_scheduler_configs:
-            if config.interval == "epoch" and (self.current_epoch + 1) % config.frequency == 0:
-                self._step_scheduler(config)
+        self._step_schedulers("epoch", self.current_epoch + 1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after unscaling the gradients (mixed precision): clip here.
@@ -259,31 +263,15 @@ class StreamedModule(pl.LightningModule):
         optimizer = self.optimizers()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self._pending = 0
-        for config in self.trainer.lr_scheduler_configs:
-            if config.interval == "step" and self.trainer.global_step % config.frequency == 0:
-                self._step_scheduler(config)
+        self._step_schedulers("step", self.trainer.global_step)
 
-    def _step_scheduler(self, config: Any) -> None:
-        scheduler = config.scheduler
-        monitor, strict = self._monitors.get(id(scheduler), (config.monitor, config.strict))
-        if monitor is None:
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                raise OptionError(
-                    "StreamedModule: ReduceLROnPlateau needs a metric: return "
-                    '{"scheduler": scheduler, "monitor": "val_loss"} from lr_scheduler.'
-                )
-            scheduler.step()
-            return
-        value = self.trainer.callback_metrics.get(monitor)
-        if value is None:
-            if strict:
-                raise RuntimeError(
-                    f"StreamedModule: the scheduler monitors {monitor!r}, which has not been "
-                    f"logged; logged so far: {sorted(self.trainer.callback_metrics)}."
-                )
-            return
-        scheduler.step(value)
+    def _step_schedulers(self, boundary: str, count: int) -> None:
+        """Step the schedulers due at this boundary (``count``: optimizer steps or epochs done)."""
+        for config in self.trainer.lr_scheduler_configs:
+            if scheduler_is_due(config.interval, config.frequency, boundary, count):
+                scheduler = config.scheduler
+                monitor, strict = self._monitors.get(id(scheduler), (config.monitor, config.strict))
+                step_scheduler(scheduler, monitor, strict, self.trainer.callback_metrics)
 
     # --- evaluation -------------------------------------------------------------------------
 
@@ -323,6 +311,82 @@ class StreamedModule(pl.LightningModule):
         if metrics is not None:
             metrics.update(_detached(out), y)
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+
+
+# --- manual-optimization helpers: plain values in, no Trainer needed (tests call them directly) --
+
+
+class GradAccumulator:
+    """Counts backward passes; the caller steps the optimizer when a method returns True.
+
+    :meth:`record_backward` is True when a group of ``every`` passes is complete, :meth:`flush`
+    when a partial group is pending (at the end of an epoch); both then restart the count.
+    """
+
+    def __init__(self) -> None:
+        self.pending = 0  # backward passes accumulated since the last optimizer step
+
+    def record_backward(self, every: int) -> bool:
+        """Count one backward pass; True when that completes a group of ``every``."""
+        self.pending += 1
+        if self.pending != every:
+            return False
+        self.pending = 0
+        return True
+
+    def flush(self) -> bool:
+        """True when backward passes are pending (a partial group): step them too."""
+        pending, self.pending = self.pending, 0
+        return pending > 0
+
+
+def scheduler_config(scheduler: Any) -> tuple[dict[str, Any], tuple[str, bool] | None]:
+    """Lightning's scheduler dict for what ``lr_scheduler`` returned, and ``(monitor, strict)``.
+
+    ``"interval"`` defaults to ``"epoch"``. Under manual optimization Lightning ignores (and
+    warns about) ``"monitor"``, so it and ``"strict"`` (default True) are taken out of the dict
+    and returned, to be used by :func:`step_scheduler`; None when there is no monitor.
+    """
+    config = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+    config.setdefault("interval", "epoch")
+    monitor = config.pop("monitor", None)
+    if monitor is None:
+        return config, None
+    return config, (monitor, config.pop("strict", True))
+
+
+def scheduler_is_due(interval: str, frequency: int, boundary: str, count: int) -> bool:
+    """Whether a scheduler with this ``interval`` and ``frequency`` steps at ``boundary``:
+    ``"step"`` after an optimizer step (``count``: optimizer steps done, ``global_step``) or
+    ``"epoch"`` at the end of a training epoch (``count``: epochs done)."""
+    return interval == boundary and count % frequency == 0
+
+
+def step_scheduler(
+    scheduler: Any, monitor: str | None, strict: bool, metrics: Mapping[str, Any]
+) -> None:
+    """Step one scheduler, with ``metrics[monitor]`` (``callback_metrics``) if it has a monitor.
+
+    ``ReduceLROnPlateau`` without a monitor raises :class:`~tilefn.OptionError`; a missing
+    metric raises RuntimeError when ``strict`` and skips the step otherwise.
+    """
+    if monitor is None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise OptionError(
+                "StreamedModule: ReduceLROnPlateau needs a metric: return "
+                '{"scheduler": scheduler, "monitor": "val_loss"} from lr_scheduler.'
+            )
+        scheduler.step()
+        return
+    value = metrics.get(monitor)
+    if value is None:
+        if strict:
+            raise RuntimeError(
+                f"StreamedModule: the scheduler monitors {monitor!r}, which has not been "
+                f"logged; logged so far: {sorted(metrics)}."
+            )
+        return
+    scheduler.step(value)
 
 
 def _detached(out: Any) -> Any:

@@ -3,17 +3,5 @@
 from ._geometry import DimMap, Identity, Reflect, TransposedWindow, Upsample, Window
 from ._rules import OpCall, OpGeometry, Refuse, TensorArg, pointwise, register_rule
 
-__all__ = [
-    "register_rule",
-    "pointwise",
-    "OpCall",
-    "OpGeometry",
-    "TensorArg",
-    "Refuse",
-    "DimMap",
-    "Identity",
-    "Window",
-    "TransposedWindow",
-    "Upsample",
-    "Reflect",
-]
+__all__ = ["register_rule", "pointwise", "OpCall", "OpGeometry", "TensorArg", "Refuse"]
+__all__ += ["DimMap", "Identity", "Window", "TransposedWindow", "Upsample", "Reflect"]

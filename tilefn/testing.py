@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from ._api import TileSize, streamify
+from ._compat import tree_flatten, tree_unflatten
 from ._trace import batchnorm_eval
 
 __all__ = ["assert_streams_like"]
@@ -80,7 +80,7 @@ def assert_streams_like(
     for i, (a, b) in enumerate(zip(tree_flatten(out)[0], ref_leaves)):
         _close(a, b.detach(), f"output {i}", rtol, atol)
 
-    cot_tree = torch.utils._pytree.tree_unflatten(cots, torch.utils._pytree.tree_flatten(ref)[1])
+    cot_tree = tree_unflatten(cots, tree_flatten(ref)[1])
     torch.manual_seed(seed)
     param_grads, input_grad = streamed_vjp(x.detach(), cot_tree)
     for (name, p), g in zip(named, ref_grads):

@@ -1,0 +1,80 @@
+"""Every PyTorch internal that tilefn relies on, behind one door.
+
+PyTorch's private modules and attributes (``torch.utils._pytree``, dispatch modes, op
+overload objects and their schemas, ``Tensor._base``, ``nn.Module``'s registries) change
+between releases without notice. Nothing else in tilefn imports or touches them:
+everything goes through the names below, so a PyTorch upgrade that moves one of them
+breaks exactly one file, and ``tests/test_compat.py`` says which name moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch._ops import OpOverload, OpOverloadPacket
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
+
+__all__ = [
+    "BatchNormBase",
+    "OpOverload",
+    "OpOverloadPacket",
+    "TorchDispatchMode",
+    "TreeSpec",
+    "tree_flatten",
+    "tree_map",
+    "tree_unflatten",
+    "op_name",
+    "op_overloads",
+    "op_arguments",
+    "writes_argument",
+    "is_view",
+    "share_registries",
+]
+
+#: Base class of BatchNorm1d/2d/3d and SyncBatchNorm (the layers with running statistics).
+BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+
+
+def op_name(op: OpOverload) -> tuple[str, str]:
+    """``(namespace, name)`` of an op overload, e.g. ``("aten", "convolution")``."""
+    namespace, name = op._schema.name.split("::")
+    return namespace, name
+
+
+def op_overloads(packet: OpOverloadPacket) -> Iterator[OpOverload]:
+    """Every overload of an op packet (``aten.add`` -> ``aten.add.Tensor``, ...)."""
+    for name in packet.overloads():
+        yield getattr(packet, name)
+
+
+def op_arguments(op: OpOverload) -> list[tuple[str, bool, Any]]:
+    """The schema arguments of an op: ``(name, has_default, default)`` in order."""
+    return [
+        (a.name, a.has_default_value(), a.default_value if a.has_default_value() else None)
+        for a in op._schema.arguments
+    ]
+
+
+def writes_argument(op: OpOverload, position: int) -> bool:
+    """Whether the op writes in place into its positional argument ``position``."""
+    arguments = op._schema.arguments
+    if position >= len(arguments):
+        return False
+    info = arguments[position].alias_info
+    return info is not None and info.is_write
+
+
+def is_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view of another tensor."""
+    return t._base is not None
+
+
+def share_registries(dst: nn.Module, src: nn.Module) -> None:
+    """Make ``dst`` share ``src``'s parameters, buffers and submodules (the same dicts), so
+    that to ``nn.Module`` (state_dict, ``.to()``, optimizers) ``dst`` *is* ``src``."""
+    for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        object.__setattr__(dst, name, getattr(src, name))

@@ -1,0 +1,201 @@
+"""The options of :func:`tilefn.streamify`, defined, validated and documented once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._errors import OptionError, TileSizeError
+
+__all__ = ["StreamOptions", "check_tile_option"]
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """The keyword options of :func:`tilefn.streamify` (and of
+    :class:`tilefn.lightning.StreamedModule`, which passes them on). Each is validated
+    once, when the options are made; a bad value raises :class:`tilefn.OptionError`.
+
+    Attributes:
+        saliency: ``streamed_vjp`` also returns the gradient with respect to the input
+            (after ``loss.backward()``, ``x.grad`` is filled whenever ``x.requires_grad``).
+        verbose: Show a progress bar over tiles and print each new plan. A plan is
+            printable either way: ``print(backbone.plan(x.shape))``.
+        deterministic: Use deterministic kernels while streaming (tiles always run in a
+            fixed order), so two runs give bit-identical results.
+        normalize: ``(mean, std)``, one value per channel. The input may then be uint8 (4x
+            smaller than float32): each crop is converted to the compute dtype, divided
+            by 255 if uint8, and normalised on the compute device.
+        device: Where crops are computed (``torch.device`` or str, e.g. ``"cuda"``). The
+            image may stay on the CPU; only crops travel. ``None``: the device of the
+            model's parameters.
+        memory_budget: Bytes the streamed step may use (compared with
+            ``plan.memory_estimate``). Under grad mode the forward keeps the autograd
+            graphs of its last crops while they fit, and the backward uses them instead
+            of recomputing those crops; with a budget that holds every crop graph a
+            training step costs ``a`` times a plain one instead of ``4a/3``. Without a
+            budget only the last crop's graph is kept, which costs no extra peak memory.
+            Needed by ``tile_size="auto"``, which chooses the tile from it.
+        channels_last: Feed crops in ``torch.channels_last`` memory format (convert the
+            model too: ``model.to(memory_format=torch.channels_last)``).
+        crop_batch: Run up to this many same-shaped crops in one model call, stacked
+            along the batch dim (default 1): fewer, larger kernel launches for small
+            tiles on a GPU, at a crop working set that grows by the same factor. Models
+            that draw random numbers always run one crop at a time.
+        process_group: A ``torch.distributed`` process group for tile parallelism on one
+            image: each rank runs its share of the crops, and the output map and the
+            gradients are summed across the ranks, so every rank ends with the same
+            output and the full gradients. Every rank must call with the same image and
+            parameters (and RNG state, if the model draws random numbers).
+
+    Example:
+        >>> import tilefn
+        >>> tilefn.StreamOptions(saliency=True, crop_batch=2).crop_batch
+        2
+        >>> tilefn.StreamOptions(crop_batch=0)
+        Traceback (most recent call last):
+        ...
+        tilefn._errors.OptionError: streamify: crop_batch must be an int >= 1, got 0.
+    """
+
+    saliency: bool = False
+    verbose: bool = False
+    deterministic: bool = False
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    device: torch.device | None = None
+    memory_budget: int | None = None
+    channels_last: bool = False
+    crop_batch: int = 1
+    process_group: Any = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in the order they are documented."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any], api: str = "streamify") -> StreamOptions:
+        """The options given as keyword arguments; unknown names are an error."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise OptionError(
+                f"{api}: unknown options {unknown}; valid options are {sorted(cls.names())}."
+            )
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        for name in ("saliency", "verbose", "deterministic", "channels_last"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise OptionError(f"streamify: option {name} must be True or False, got {value!r}.")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("normalize", _normalize(self.normalize))
+        set_("device", _device(self.device))
+        set_("memory_budget", check_budget(self.memory_budget, "streamify"))
+        crop_batch = self.crop_batch
+        if isinstance(crop_batch, bool) or not isinstance(crop_batch, int) or crop_batch < 1:
+            raise OptionError(f"streamify: crop_batch must be an int >= 1, got {crop_batch!r}.")
+        _check_group(self.process_group)
+
+
+def _normalize(normalize: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if normalize is None:
+        return None
+    try:
+        mean, std = normalize
+        if isinstance(mean, str) or isinstance(std, str):
+            raise TypeError
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise OptionError(
+            f"streamify: normalize must be (mean, std), two sequences of floats with one "
+            f"value per channel, got {normalize!r}."
+        ) from None
+    return mean, std
+
+
+def _device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError):
+        raise OptionError(
+            f"streamify: device must be a torch.device or str, got {device!r}."
+        ) from None
+
+
+def _check_group(group: Any) -> None:
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise OptionError(
+            "streamify: process_group= needs an initialised torch.distributed "
+            "(call torch.distributed.init_process_group first)."
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise OptionError(
+            f"streamify: process_group must be a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD), got {type(group).__name__}."
+        )
+
+
+def check_budget(memory_budget: Any, api: str) -> int | None:
+    """``memory_budget`` as int bytes (or None), or an :class:`OptionError`."""
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+        raise OptionError(
+            f"{api}: memory_budget must be a number of bytes (e.g. 8e9 or 8 * 2**30), got "
+            f"{memory_budget!r}."
+        )
+    if not memory_budget > 0:
+        raise OptionError(f"{api}: memory_budget must be positive, got {memory_budget!r}.")
+    return int(memory_budget)
+
+
+def check_tile_option(
+    tile_size: int | Sequence[int] | str, memory_budget: int | None, api: str
+) -> None:
+    """Check ``tile_size`` before the number of spatial dims is known: an int, a sequence of
+    positive ints, or ``"auto"`` (which needs a memory budget)."""
+    if isinstance(tile_size, str):
+        if tile_size != "auto":
+            raise TileSizeError(
+                f"{api}: tile_size must be an int, a tuple of ints or 'auto', got {tile_size!r}."
+            )
+        if memory_budget is None:
+            raise OptionError(
+                f"{api}: tile_size='auto' chooses the tile from the memory budget; pass "
+                "memory_budget= (bytes), e.g. memory_budget=8 * 2**30."
+            )
+        return
+    ndim = len(tile_size) if isinstance(tile_size, (list, tuple)) else 1
+    tile_tuple(tile_size, ndim, api)
+
+
+def tile_tuple(tile_size: Any, ndim: int, api: str = "streamify") -> tuple[int, ...]:
+    """``tile_size`` as one positive int per spatial dim, or a :class:`TileSizeError`."""
+    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, tuple, list)):
+        raise TileSizeError(
+            f"{api}: tile_size must be an int or a tuple with one int per spatial dim, "
+            f"got {tile_size!r} ({type(tile_size).__name__})."
+        )
+    tiles = (tile_size,) * ndim if isinstance(tile_size, int) else tuple(tile_size)
+    if len(tiles) != ndim:
+        raise TileSizeError(
+            f"{api}: tile_size {tuple(tiles)} has {len(tiles)} entries, but the input has "
+            f"{ndim} spatial dims. Pass an int or a tuple of {ndim} ints."
+        )
+    for t in tiles:
+        if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+            raise TileSizeError(
+                f"{api}: tile_size must be a positive int (or a tuple of them), got {tile_size!r}."
+            )
+    return tiles
