@@ -29,6 +29,7 @@ ORDER = [
     "rules",
     "_split",
     "testing",
+    "_training",
     "__init__",
     "lightning",
 ]

@@ -1,15 +1,14 @@
-"""The manual-optimization helpers of tilefn.lightning, on plain values (no Trainer): the
-accumulation counter, which schedulers fall due, and stepping one scheduler with its metric."""
+"""The manual-optimization helpers of tilefn.lightning (in tilefn._training, which needs no
+Lightning), on plain values (no Trainer): the accumulation counter, which schedulers fall
+due, and stepping one scheduler with its metric."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-pytest.importorskip("lightning")
-
-import tilefn  # noqa: E402
-from tilefn.lightning import (  # noqa: E402
+import tilefn
+from tilefn._training import (
     GradAccumulator,
     scheduler_config,
     scheduler_is_due,

@@ -29,6 +29,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
 
 from ._api import StreamedBackbone, TileSize, streamify
 from ._errors import InputTypeError, OptionError
+from ._training import GradAccumulator, scheduler_config, scheduler_is_due, step_scheduler
 
 __all__ = ["StreamedModule"]
 
@@ -56,7 +57,8 @@ class StreamedModule(pl.LightningModule):
     after each optimizer step and at each epoch end, the schedulers whose ``interval`` and
     ``frequency`` fall due are stepped (``ReduceLROnPlateau`` with its monitored metric). The
     logic lives in small helpers of this module: ``GradAccumulator``, ``scheduler_config``,
-    ``scheduler_is_due`` and ``step_scheduler``.
+    ``scheduler_is_due`` and ``step_scheduler`` (in ``tilefn._training``, which needs no
+    Lightning).
 
     Args:
         trunk: The local part of the network: a plain ``nn.Module`` (streamified here with
@@ -124,53 +126,10 @@ class StreamedModule(pl.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
-        if isinstance(trunk, StreamedBackbone):
-            # load_from_checkpoint passes the saved tile_size back: accept it when it agrees.
-            if stream_options or tile_size not in (None, trunk.tile_size):
-                raise OptionError(
-                    "StreamedModule: the trunk is already streamed (from tilefn.streamify), so "
-                    f"tile_size={tile_size!r} and stream options {sorted(stream_options)} "
-                    "cannot be applied here. Pass the plain trunk instead, or set them in "
-                    "streamify()."
-                )
-            backbone = trunk
-        elif isinstance(trunk, nn.Module):
-            if tile_size is None:
-                raise OptionError(
-                    "StreamedModule: tile_size is required when the trunk is a plain module, "
-                    "e.g. StreamedModule(trunk, head, loss_fn, tile_size=2048)."
-                )
-            backbone = streamify(trunk, tile_size, **stream_options).backbone
-        else:
-            raise OptionError(
-                f"StreamedModule: trunk must be an nn.Module, got {type(trunk).__name__}."
-            )
-        if not isinstance(head, nn.Module):
-            raise OptionError(
-                f"StreamedModule: head must be an nn.Module, got {type(head).__name__}. "
-                "Wrap a function in a module, e.g. nn.Sequential(...) or a small nn.Module."
-            )
-        if not callable(loss_fn):
-            raise OptionError(
-                f"StreamedModule: loss_fn must be callable (output, target) -> loss, got "
-                f"{type(loss_fn).__name__}."
-            )
-        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise OptionError(
-                "StreamedModule: accumulate_grad_batches must be a positive int, got "
-                f"{accumulate_grad_batches!r}."
-            )
-        if gradient_clip_algorithm not in ("norm", "value"):
-            raise OptionError(
-                "StreamedModule: gradient_clip_algorithm must be 'norm' or 'value', got "
-                f"{gradient_clip_algorithm!r}."
-            )
-        if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise OptionError(
-                f"StreamedModule: gradient_clip_val must be positive or None, got "
-                f"{gradient_clip_val!r}."
-            )
-
+        backbone = _as_backbone(trunk, tile_size, stream_options)
+        _check_arguments(
+            head, loss_fn, accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm
+        )
         self.trunk = backbone
         self.head = head
         self.loss_fn = loss_fn
@@ -316,77 +275,63 @@ class StreamedModule(pl.LightningModule):
 # --- manual-optimization helpers: plain values in, no Trainer needed (tests call them directly) --
 
 
-class GradAccumulator:
-    """Counts backward passes; the caller steps the optimizer when a method returns True.
-
-    :meth:`record_backward` is True when a group of ``every`` passes is complete, :meth:`flush`
-    when a partial group is pending (at the end of an epoch); both then restart the count.
-    """
-
-    def __init__(self) -> None:
-        self.pending = 0  # backward passes accumulated since the last optimizer step
-
-    def record_backward(self, every: int) -> bool:
-        """Count one backward pass; True when that completes a group of ``every``."""
-        self.pending += 1
-        if self.pending != every:
-            return False
-        self.pending = 0
-        return True
-
-    def flush(self) -> bool:
-        """True when backward passes are pending (a partial group): step them too."""
-        pending, self.pending = self.pending, 0
-        return pending > 0
-
-
-def scheduler_config(scheduler: Any) -> tuple[dict[str, Any], tuple[str, bool] | None]:
-    """Lightning's scheduler dict for what ``lr_scheduler`` returned, and ``(monitor, strict)``.
-
-    ``"interval"`` defaults to ``"epoch"``. Under manual optimization Lightning ignores (and
-    warns about) ``"monitor"``, so it and ``"strict"`` (default True) are taken out of the dict
-    and returned, to be used by :func:`step_scheduler`; None when there is no monitor.
-    """
-    config = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
-    config.setdefault("interval", "epoch")
-    monitor = config.pop("monitor", None)
-    if monitor is None:
-        return config, None
-    return config, (monitor, config.pop("strict", True))
-
-
-def scheduler_is_due(interval: str, frequency: int, boundary: str, count: int) -> bool:
-    """Whether a scheduler with this ``interval`` and ``frequency`` steps at ``boundary``:
-    ``"step"`` after an optimizer step (``count``: optimizer steps done, ``global_step``) or
-    ``"epoch"`` at the end of a training epoch (``count``: epochs done)."""
-    return interval == boundary and count % frequency == 0
-
-
-def step_scheduler(
-    scheduler: Any, monitor: str | None, strict: bool, metrics: Mapping[str, Any]
-) -> None:
-    """Step one scheduler, with ``metrics[monitor]`` (``callback_metrics``) if it has a monitor.
-
-    ``ReduceLROnPlateau`` without a monitor raises :class:`~tilefn.OptionError`; a missing
-    metric raises RuntimeError when ``strict`` and skips the step otherwise.
-    """
-    if monitor is None:
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+def _as_backbone(
+    trunk: Any, tile_size: TileSize | None, stream_options: dict[str, Any]
+) -> StreamedBackbone:
+    """The streamed trunk: ``trunk`` itself if already streamed, else ``streamify(trunk)``."""
+    if isinstance(trunk, StreamedBackbone):
+        # load_from_checkpoint passes the saved tile_size back: accept it when it agrees.
+        if stream_options or tile_size not in (None, trunk.tile_size):
             raise OptionError(
-                "StreamedModule: ReduceLROnPlateau needs a metric: return "
-                '{"scheduler": scheduler, "monitor": "val_loss"} from lr_scheduler.'
+                "StreamedModule: the trunk is already streamed (from tilefn.streamify), so "
+                f"tile_size={tile_size!r} and stream options {sorted(stream_options)} "
+                "cannot be applied here. Pass the plain trunk instead, or set them in "
+                "streamify()."
             )
-        scheduler.step()
-        return
-    value = metrics.get(monitor)
-    if value is None:
-        if strict:
-            raise RuntimeError(
-                f"StreamedModule: the scheduler monitors {monitor!r}, which has not been "
-                f"logged; logged so far: {sorted(metrics)}."
+        return trunk
+    if isinstance(trunk, nn.Module):
+        if tile_size is None:
+            raise OptionError(
+                "StreamedModule: tile_size is required when the trunk is a plain module, "
+                "e.g. StreamedModule(trunk, head, loss_fn, tile_size=2048)."
             )
-        return
-    scheduler.step(value)
+        return streamify(trunk, tile_size, **stream_options).backbone
+    raise OptionError(f"StreamedModule: trunk must be an nn.Module, got {type(trunk).__name__}.")
+
+
+def _check_arguments(
+    head: Any,
+    loss_fn: Any,
+    accumulate_grad_batches: Any,
+    gradient_clip_val: Any,
+    gradient_clip_algorithm: Any,
+) -> None:
+    """Refuse bad constructor arguments with an :class:`~tilefn.OptionError` naming them."""
+    if not isinstance(head, nn.Module):
+        raise OptionError(
+            f"StreamedModule: head must be an nn.Module, got {type(head).__name__}. "
+            "Wrap a function in a module, e.g. nn.Sequential(...) or a small nn.Module."
+        )
+    if not callable(loss_fn):
+        raise OptionError(
+            f"StreamedModule: loss_fn must be callable (output, target) -> loss, got "
+            f"{type(loss_fn).__name__}."
+        )
+    if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+        raise OptionError(
+            "StreamedModule: accumulate_grad_batches must be a positive int, got "
+            f"{accumulate_grad_batches!r}."
+        )
+    if gradient_clip_algorithm not in ("norm", "value"):
+        raise OptionError(
+            "StreamedModule: gradient_clip_algorithm must be 'norm' or 'value', got "
+            f"{gradient_clip_algorithm!r}."
+        )
+    if gradient_clip_val is not None and not gradient_clip_val > 0:
+        raise OptionError(
+            f"StreamedModule: gradient_clip_val must be positive or None, got "
+            f"{gradient_clip_val!r}."
+        )
 
 
 def _detached(out: Any) -> Any:
