@@ -348,19 +348,25 @@ def test_device_option_cpu() -> None:
     torch.testing.assert_close(backbone(x), model(x).detach(), **TOL)
 
 
-def test_device_option_moves_crops_to_that_device() -> None:
-    """Crops go to ``device=``, not to the device of the image or of the parameters: with
-    the model and image on the CPU and ``device="meta"`` (which runs CPU weights on meta
-    inputs), the stitched output lives on the meta device."""
+def test_device_option_is_where_crops_are_computed() -> None:
+    """Crops go to ``device=``, not to the device of the parameters: with the model on the
+    CPU, ``device="meta"`` is refused because the parameters are not there, and with the model
+    on meta, ``device="cpu"`` is; without the option the parameters' device is used."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 4, 4)).double()
     x = image(1, 3, 48, 48)
     backbone, _ = tilefn.streamify(model, 24, device="meta")
-    with torch.no_grad():
-        out = backbone(x)
-    assert out.device.type == "meta" and out.shape == (1, 4, 12, 12)
+    with pytest.raises(
+        tilefn.InputError, match=r"parameter '0.weight' is on cpu, but crops are computed on meta"
+    ):
+        backbone(x)
+    model.to("meta")
+    backbone, _ = tilefn.streamify(model, 24, device="cpu")
+    with pytest.raises(tilefn.InputError, match=r"is on meta, but crops are computed on cpu"):
+        backbone(x)
     default, _ = tilefn.streamify(model, 24)
     with torch.no_grad():
-        assert default(x).device.type == "cpu"
+        out = default(x)  # crops follow the (meta) parameters; the image stays on the CPU
+    assert out.device.type == "meta" and out.shape == (1, 4, 12, 12)
 
 
 def test_vjp_does_not_touch_grad() -> None:

@@ -101,6 +101,27 @@ def test_no_other_module_imports_torch_internals() -> None:
                 "_pytree",
                 "_python_dispatch",
                 "_ops",
+                "_forward_hooks",
+                "_forward_pre_hooks",
             ):
                 offenders.append(f"{path.name}:{node.lineno}: .{node.attr}")
     assert not offenders, offenders
+
+
+def test_outside_functorch_hides_ops_from_transforms() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with _compat.outside_functorch():
+            inner = torch.zeros(3) + 1  # a plain tensor, not one the transform tracks
+        assert type(inner) is torch.Tensor
+        return (x * inner).sum()
+
+    assert torch.func.grad(f)(torch.ones(3)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_module_hooks_sees_registered_hooks() -> None:
+    m = nn.Conv2d(1, 1, 1)
+    assert _compat.module_hooks(m) == ()
+    handle = m.register_forward_hook(lambda *a: None)
+    assert len(_compat.module_hooks(m)) == 1
+    handle.remove()
+    assert _compat.module_hooks(m) == ()

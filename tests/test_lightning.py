@@ -286,6 +286,34 @@ def test_predict_returns_the_head_output():
     torch.testing.assert_close(torch.cat(preds), want, rtol=1e-10, atol=1e-12)
 
 
+class LazySlides(torch.utils.data.Dataset):
+    """Images as lazy ArrayImages (numpy, read crop by crop), with or without targets."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        image = tilefn.ArrayImage(self.x[i].numpy())  # (1, C, H, W) -> read as n c h w
+        return image if self.y is None else (image, self.y[i])
+
+
+def test_lazy_images_through_fit_validate_and_predict_with_tilefn_collate():
+    trunk, head = make_trunk(), make_head()
+    x, y = make_data(n=2)
+    x = x[:, None]  # one (1, C, H, W) array per sample
+    module = StreamedModule(trunk, head, nn.functional.cross_entropy, tile_size=TILE)
+    collate = tilefn.collate
+    train = DataLoader(LazySlides(x, y), batch_size=1, collate_fn=collate)
+    trainer(max_epochs=1).fit(module, train, train)
+    preds = trainer().predict(module, DataLoader(LazySlides(x), batch_size=1, collate_fn=collate))
+    with torch.no_grad():
+        want = torch.cat([module.head(module.trunk.model.eval()(xi)) for xi in x])
+    torch.testing.assert_close(torch.cat(preds), want, rtol=1e-10, atol=1e-12)
+
+
 def test_bf16_mixed_precision_on_cpu():
     trunk, head = make_trunk(torch.float32), make_head(torch.float32)
     x, y = make_data(n=1, dtype=torch.float32)

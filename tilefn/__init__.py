@@ -8,7 +8,7 @@ the tile size, not on the image size.
 from . import _errors, rules
 from ._api import Streamed, StreamedBackbone, plan, streamify
 from ._errors import *  # noqa: F403 (the exception family, listed in _errors.__all__)
-from ._inputs import ArrayImage
+from ._inputs import ArrayImage, ImageSource, collate
 from ._options import StreamOptions
 from ._plan import Crop, Span, TilePlan
 from ._rules import register_rule
@@ -26,6 +26,8 @@ __all__ = [
     "StreamedBackbone",
     "StreamOptions",
     "ArrayImage",
+    "ImageSource",
+    "collate",
     "TilePlan",
     "Crop",
     "Span",

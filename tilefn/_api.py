@@ -12,13 +12,14 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
-from ._autograd import StreamedFunction
+from ._autograd import StreamedCall, StreamedFunction
 from ._compat import share_registries, tree_flatten, tree_unflatten
-from ._errors import InputError, InputTypeError
-from ._execute import Executor, RngState
+from ._errors import InputError, InputTypeError, UnsupportedLayerError
+from ._execute import Executor, RngState, model_state
 from ._inputs import CropReader, ImageSource, as_source, check_shape, model_dtype
-from ._options import StreamOptions, check_budget, check_tile_option
+from ._options import StreamOptions, canonical_tile, check_budget, check_tile_option
 from ._plan import TilePlan
 from ._planner import PlanCache, auto_plan, make_plan
 from ._trace import Trace
@@ -66,6 +67,7 @@ def plan(
     """
     shape = check_shape(tuple(input_shape), "plan")
     budget = check_budget(memory_budget, "plan")
+    tile_size = canonical_tile(tile_size)
     check_tile_option(tile_size, budget, "plan")
     dtype = dtype or model_dtype(model)
     if tile_size == "auto":
@@ -133,6 +135,7 @@ class StreamedBackbone(nn.Module):
         return self._plan(tuple(source.shape), reader.dtype)[0]
 
     def _plan(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[TilePlan, Trace]:
+        _check_initialised(self._model)
         budget = self.options.memory_budget
         plan_, trace_ = self._plans.get(self._model, shape, self.tile_size, dtype, budget)
         if id(plan_) not in self._shown:
@@ -149,17 +152,30 @@ class StreamedBackbone(nn.Module):
                 )
         return plan_, trace_
 
+    # torch.compile(backbone) runs the streaming itself eagerly: crops, plans and the autograd
+    # node are Python; compile the model before streamify for compiled crops.
+    @torch.compiler.disable
     def forward(self, x: Any) -> Any:
         source, reader = self._source(x)
         plan_, trace_ = self._plan(tuple(source.shape), reader.dtype)
-        params = [p for p in self._model.parameters() if p.requires_grad]
+        state = model_state(self._model)  # what the model computes with now
+        names = [n for n, p in self._model.named_parameters() if p.requires_grad]
         tensor = source.tensor
         x_grad = tensor is not None and tensor.requires_grad
-        if torch.is_grad_enabled() and (x_grad or params):
-            outs = StreamedFunction.apply(self._executor, plan_, source, reader, tensor, *params)
+        rng = RngState(reader.device) if plan_.uses_rng else None
+        if torch.is_grad_enabled() and (x_grad or names):
+            call = StreamedCall(
+                self._executor,
+                plan_,
+                source,
+                reader,
+                names,
+                {n: t for n, t in state.items() if n not in names},
+                rng,
+            )
+            outs = StreamedFunction.apply(call, tensor, *(state[n] for n in names))[:-1]
         else:
-            rng = RngState(reader.device) if plan_.uses_rng else None
-            outs, _ = self._executor.forward(source, reader, plan_, rng)
+            outs, _ = self._executor.forward(source, reader, plan_, rng, state=state)
         return tree_unflatten(list(outs), trace_.out_spec)
 
     def vjp(self, x: Any, cotangent: Any, *, saliency: bool) -> tuple[dict, torch.Tensor | None]:
@@ -173,6 +189,11 @@ class StreamedBackbone(nn.Module):
                 f"({trace_.out_spec}), got {spec}."
             )
         for i, (c, shape) in enumerate(zip(cots, plan_.output_shapes)):
+            if isinstance(c, torch.Tensor) and c.is_complex():
+                raise InputTypeError(
+                    f"streamed_vjp: cotangent {i} is complex ({c.dtype}), but the model's "
+                    "outputs are real. Pass a real cotangent (c.real, if that is meant)."
+                )
             if not isinstance(c, torch.Tensor) or tuple(c.shape) != tuple(shape):
                 got = f"shape {tuple(c.shape)}" if isinstance(c, torch.Tensor) else type(c).__name__
                 raise InputError(
@@ -183,12 +204,32 @@ class StreamedBackbone(nn.Module):
         # Replay the RNG state a forward from here would see (vjp leaves it untouched).
         rng = RngState(reader.device) if plan_.uses_rng else None
         grads, input_grad = self._executor.vjp(
-            source, reader, plan_, cots, [p for _, p in named], want_input=saliency, rng=rng
+            source,
+            reader,
+            plan_,
+            cots,
+            [p for _, p in named],
+            want_input=saliency,
+            rng=rng,
+            state=model_state(self._model),
         )
         param_grads = {
             n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)
         }
         return param_grads, input_grad
+
+
+def _check_initialised(model: nn.Module) -> None:
+    """Lazy layers (``nn.LazyConv2d``, ...) have no shapes to plan with until they first run."""
+    for path, module in model.named_modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(is_lazy(t) for t in tensors):
+            raise UnsupportedLayerError(
+                f"streamify: layer '{path or '<root>'}' ({type(module).__name__}) has "
+                "uninitialised (lazy) parameters, whose shapes tilefn needs to plan the "
+                "tiles. How to fix: run the model once on a small input before streaming it, "
+                "e.g. model(x[..., :64, :64]), which initialises them."
+            )
 
 
 def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed:
@@ -253,6 +294,7 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
     opts = StreamOptions.from_kwargs(options)
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"streamify: expected an nn.Module, got {type(model).__name__}.")
+    tile_size = canonical_tile(tile_size)
     check_tile_option(tile_size, opts.memory_budget, "streamify")
     backbone = StreamedBackbone(model, tile_size, opts)
 

@@ -33,6 +33,8 @@ __all__ = [
     "writes_argument",
     "is_view",
     "share_registries",
+    "outside_functorch",
+    "module_hooks",
 ]
 
 #: Base class of BatchNorm1d/2d/3d and SyncBatchNorm (the layers with running statistics).
@@ -78,3 +80,16 @@ def share_registries(dst: nn.Module, src: nn.Module) -> None:
     that to ``nn.Module`` (state_dict, ``.to()``, optimizers) ``dst`` *is* ``src``."""
     for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         object.__setattr__(dst, name, getattr(src, name))
+
+
+def outside_functorch() -> Any:
+    """A context in which torch.func transforms (grad, vjp, vmap) that are active around it
+    do not see the ops run inside: for recording a model on meta tensors while a transform
+    of the streamed backbone runs."""
+    return torch._C._DisableFuncTorch()
+
+
+def module_hooks(module: nn.Module) -> tuple[int, ...]:
+    """Identities of the forward hooks and pre-hooks registered on ``module``."""
+    hooks = (module._forward_pre_hooks, module._forward_hooks)
+    return tuple(id(h) for d in hooks for h in d.values())

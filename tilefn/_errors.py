@@ -17,6 +17,7 @@ __all__ = [
     "OptionError",
     "TraceError",
     "PlanError",
+    "TransformError",
 ]
 
 
@@ -54,6 +55,11 @@ class TraceError(TilefnError, RuntimeError):
 
 class PlanError(TilefnError, RuntimeError):
     """The model's sizes behave in a way the tiling plan cannot reproduce exactly."""
+
+
+class TransformError(TilefnError, RuntimeError):
+    """A PyTorch transform of a streamed backbone that tilefn cannot compute exactly
+    (forward mode, double backward, vmap); the message says what to do instead."""
 
 
 def see_docs(section: str = "") -> str:

@@ -19,11 +19,13 @@ ranks, so every rank ends with the same output map and the full gradients.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ._compat import tree_flatten
 from ._errors import PlanError
@@ -31,9 +33,26 @@ from ._inputs import CropReader, ImageSource, scatter_add
 from ._options import StreamOptions
 from ._plan import TilePlan
 from ._schedule import backward_order, crop_groups, kept_crops, owned_slices, rank_share
-from ._trace import batchnorm_eval
+from ._trace import RunningStats, batchnorm_eval
 
-__all__ = ["AutocastState", "Executor", "Kept", "RngState"]
+__all__ = ["AutocastState", "Executor", "Kept", "RngState", "model_state"]
+
+# Streamed passes of models that draw random numbers replay the global RNG state before every
+# crop; two such passes in two threads would interleave their draws, so they take turns.
+_RNG_LOCK = threading.RLock()
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers ``model`` computes with now, by name (the same tensors)."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _differs(model: nn.Module, state: Mapping[str, torch.Tensor] | None) -> bool:
+    """Whether ``state`` holds other tensors than the ones ``model`` holds now."""
+    if state is None:
+        return False
+    now = model_state(model)
+    return any(now.get(name) is not t for name, t in state.items())
 
 
 @dataclass(frozen=True)
@@ -77,19 +96,45 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 class RngState:
     """The RNG state at the start of a streamed forward, replayed before every crop so that
     per-sample randomness (stochastic depth, Dropout2d) draws the same in every crop and in
-    the recompute."""
+    the recompute.
+
+    Every crop draws the same numbers, so the state after each crop's draws must be the same
+    too: :meth:`check` compares it with the first crop's, which catches another thread
+    changing the global RNG in the middle of a streamed pass (the crops would then disagree
+    on their draws) instead of returning a silently mixed result."""
 
     def __init__(self, device: torch.device):
-        self.cpu = torch.get_rng_state()
-        self.cuda = None
         self.device = device
-        if device.type == "cuda":
-            self.cuda = torch.cuda.get_rng_state(device)
+        self.cpu, self.cuda = self._now()
+        self.after: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _now(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
+
+    def check(self) -> None:
+        """After a crop's draws: the RNG must be where the first crop's draws left it."""
+        now = self._now()
+        if self.after is None:
+            self.after = now
+            return
+        same = torch.equal(now[0], self.after[0]) and (
+            now[1] is None or torch.equal(now[1], self.after[1])  # type: ignore[arg-type]
+        )
+        if not same:
+            raise PlanError(
+                "streamify: the global random number generator changed in the middle of a "
+                "streamed pass of a model that draws random numbers (another thread seeded or "
+                "drew from it), so its crops would disagree on their draws. Streamed passes "
+                "of such models take turns with each other; other code must not use "
+                "torch's global RNG meanwhile (use a torch.Generator of its own), or call "
+                "model.eval() for the streamed trunk."
+            )
 
 
 @dataclass
@@ -123,8 +168,12 @@ class Executor:
             return tqdm(items, desc=f"tilefn {what}", unit="tile", leave=False)
         return items
 
-    def _context(self):
-        return _stack(batchnorm_eval(self.model), _deterministic(self.options.deterministic))
+    def _context(self, rng: RngState | None):
+        return _stack(
+            _RNG_LOCK if rng is not None else contextlib.nullcontext(),
+            RunningStats(self.model),
+            _deterministic(self.options.deterministic),
+        )
 
     def _run_group(
         self,
@@ -134,14 +183,22 @@ class Executor:
         group: list[int],
         rng: RngState | None,
         want_input: bool,
+        state: Mapping[str, torch.Tensor] | None,
     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor | None]]:
-        """Run the model once on the crops of ``group`` stacked along the batch dim; per
-        crop, its output leaves and its input leaf (or None)."""
+        """Run the model once on the crops of ``group`` stacked along the batch dim, with the
+        parameters and buffers ``state`` if given (else the model's own); per crop, its
+        output leaves and its input leaf (or None)."""
         reads = [reader(source, plan.crops[i].box, want_input) for i in group]
         if rng is not None:
             rng.restore()
         batch = reads[0][0] if len(group) == 1 else torch.cat([r[0] for r in reads])
-        leaves = tree_flatten(self.model(batch))[0]
+        if state is None:
+            out = self.model(batch)
+        else:
+            out = functional_call(self.model, dict(state), (batch,), strict=False)
+        if rng is not None:
+            rng.check()
+        leaves = tree_flatten(out)[0]
         if len(leaves) != len(plan.output_shapes):  # pragma: no cover - checked by trace
             raise PlanError("streamify: the model returned a different number of outputs")
         if len(group) == 1:
@@ -166,9 +223,14 @@ class Executor:
         rng: RngState | None = None,
         keep: bool = False,
         want_input: bool = False,
+        state: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], dict[int, Kept]]:
         """The stitched outputs, and with ``keep=True`` (under grad) the graphs of the crops
-        whose recompute the backward can skip (see :func:`~tilefn._schedule.kept_crops`)."""
+        whose recompute the backward can skip (see :func:`~tilefn._schedule.kept_crops`).
+
+        ``state`` (names to tensors) is what the model computes with when it differs from
+        the tensors the model holds (``torch.func.functional_call``, torch.func transforms)."""
+        state = state if _differs(self.model, state) else None
         mine = self.my_crops(plan)
         kept_ids = kept_crops(plan, mine, self.options.memory_budget) if keep else set()
         kept: dict[int, Kept] = {}
@@ -176,12 +238,12 @@ class Executor:
         distributed = self.options.process_group is not None
         new = torch.Tensor.new_zeros if distributed else torch.Tensor.new_empty
         groups = crop_groups(plan, mine, kept_ids, self.options.crop_batch)
-        with self._context():
+        with self._context(rng):
             for group in self._progress(groups, "forward"):
                 grad = group[0] in kept_ids
                 with torch.set_grad_enabled(grad):
                     per_crop, inputs = self._run_group(
-                        source, reader, plan, group, rng, want_input and grad
+                        source, reader, plan, group, rng, want_input and grad, state
                     )
                 for i, leaves, leaf in zip(group, per_crop, inputs):
                     for o, out in enumerate(leaves):
@@ -213,24 +275,42 @@ class Executor:
         rng: RngState | None = None,
         autocast: AutocastState | None = None,
         kept: dict[int, Kept] | None = None,
+        state: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         """Parameter gradients (None where unused) and, with ``want_input``, the input
-        gradient of ``<cotangents, outputs>``, summed over crops."""
+        gradient of ``<cotangents, outputs>``, summed over crops. ``params`` are the
+        tensors to differentiate by; the model computes with ``state`` (names to tensors,
+        holding ``params``) when it differs from what the model holds now, as after
+        ``functional_call`` or when a parameter was replaced between forward and backward."""
+        state = state if _differs(self.model, state) else None
         # The recompute replays the forward's draws from ``rng``; leave the caller's RNG as
         # it was.
-        saved = RngState(rng.device) if rng is not None else None
-        try:
-            grads, input_grad = self._vjp(
-                source, reader, plan, cotangents, params, want_input, rng, autocast, kept or {}
-            )
-        finally:
-            if saved is not None:
-                saved.restore()
+        lock = _RNG_LOCK if rng is not None else contextlib.nullcontext()
+        with lock:
+            saved = RngState(rng.device) if rng is not None else None
+            try:
+                grads, input_grad = self._vjp(
+                    source,
+                    reader,
+                    plan,
+                    cotangents,
+                    params,
+                    want_input,
+                    rng,
+                    autocast,
+                    kept or {},
+                    state,
+                )
+            finally:
+                if saved is not None:
+                    saved.restore()
         if self.options.process_group is not None:
             grads, input_grad = self._all_reduce(grads, params, input_grad)
         return grads, input_grad
 
-    def _vjp(self, source, reader, plan, cotangents, params, want_input, rng, autocast, kept):
+    def _vjp(
+        self, source, reader, plan, cotangents, params, want_input, rng, autocast, kept, state
+    ):
         grads: list[torch.Tensor | None] = [None] * len(params)
         input_grad = None
         if want_input:
@@ -243,7 +323,7 @@ class Executor:
         order = [i for i in backward_order(list(owned_by), kept) if owned_by[i]]
         usable = {i for i, k in kept.items() if k.leaf is not None or not want_input}
         groups = crop_groups(plan, order, usable, self.options.crop_batch)
-        with self._context():
+        with self._context(rng):
             for group in self._progress(groups, "backward"):
                 with (
                     torch.enable_grad(),
@@ -255,7 +335,7 @@ class Executor:
                         del stored
                     else:
                         per_crop, leafs = self._run_group(
-                            source, reader, plan, group, rng, want_input
+                            source, reader, plan, group, rng, want_input, state
                         )
                     pieces, cots = [], []
                     for i, leaves in zip(group, per_crop):
@@ -271,7 +351,8 @@ class Executor:
                 if not pieces:
                     continue
                 inputs = list(params) + [leaf for leaf in leafs if leaf is not None]
-                got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
+                with batchnorm_eval(self.model):  # checkpointed blocks recompute in here
+                    got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
                 for k, g in enumerate(got[: len(params)]):
                     if g is not None:
                         grads[k] = g if grads[k] is None else grads[k].add_(g)

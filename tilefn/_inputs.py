@@ -35,6 +35,7 @@ __all__ = [
     "check_shape",
     "model_dtype",
     "scatter_add",
+    "collate",
 ]
 
 Box = Sequence[tuple[int, int]]  # one (start, stop) per spatial dim
@@ -196,6 +197,11 @@ def as_source(x: Any, *, uint8_ok: bool) -> ImageSource:
             f"{type(x).__name__}."
         )
     check_shape(tuple(source.shape), "streamify")
+    if source.device.type == "meta":
+        raise InputError(
+            "streamify: the input is on the meta device, so it has no values to stream. Pass "
+            "a tensor with data (on the CPU or the compute device), or an array."
+        )
     if source.dtype not in _FLOAT_DTYPES and not (uint8_ok and source.dtype == torch.uint8):
         raise InputTypeError(
             f"streamify: expected a floating-point input, got dtype {source.dtype}. Convert it "
@@ -247,6 +253,26 @@ class CropReader:
         image's float dtype (a uint8 image: the model's dtype)."""
         if device is None:
             device = next((p.device for p in model.parameters()), source.device)
+        for kind, named in (
+            ("parameter", model.named_parameters()),
+            ("buffer", model.named_buffers()),
+        ):
+            for name, t in named:
+                if t.device != device:
+                    raise InputError(
+                        f"streamify: the model's {kind} '{name}' is on {t.device}, but crops "
+                        f"are computed on {device}. Move the model there "
+                        f"(model.to({str(device)!r})) or pass device= to streamify."
+                    )
+        channels = source.shape[1]
+        if normalize is not None:
+            for what, values in zip(("mean", "std"), normalize):
+                if len(values) not in (1, channels):
+                    raise InputError(
+                        f"streamify: normalize has {len(values)} {what} values, but the input "
+                        f"of shape {tuple(source.shape)} has {channels} channels. Give one "
+                        "value per channel (or one for all)."
+                    )
         dtype = source.dtype if source.dtype.is_floating_point else model_dtype(model)
         return CropReader(device, dtype, normalize, channels_last)
 
@@ -319,3 +345,47 @@ def _segments(start: int, stop: int, size: int) -> list[tuple[int, int, int]]:
         out.append((lo, hi, pos - start))
         pos += hi - lo
     return out
+
+
+def collate(samples: Sequence[Any]) -> Any:
+    """A DataLoader ``collate_fn`` that keeps lazy images lazy.
+
+    Samples are images, ``(image, target, ...)`` tuples or dicts. A lazy image
+    (:class:`ArrayImage`, or any :class:`ImageSource`) cannot be stacked without reading it
+    whole, so batches holding one must have ``batch_size=1``: the image is passed on as it is
+    (it already has a batch dim of 1) and the rest is collated as PyTorch does. Batches of
+    tensors are collated as PyTorch does.
+
+    Example:
+        >>> import numpy as np, torch, tilefn
+        >>> slide = tilefn.ArrayImage(np.zeros((64, 48, 3), np.uint8), "h w c")
+        >>> image, target = tilefn.collate([(slide, 1)])
+        >>> image is slide, target
+        (True, tensor([1]))
+    """
+    from torch.utils.data import default_collate
+
+    def lazy(value: Any) -> bool:
+        return isinstance(value, ImageSource)
+
+    first = samples[0]
+    fields = (
+        first.values()
+        if isinstance(first, dict)
+        else first
+        if isinstance(first, (tuple, list))
+        else [first]
+    )
+    if not any(lazy(v) for v in fields):
+        return default_collate(list(samples))
+    if len(samples) != 1:
+        raise InputError(
+            f"collate: a batch of {len(samples)} samples holds lazy images (read crop by crop), "
+            "which cannot be stacked without reading them whole. Use batch_size=1 (slides of "
+            "different sizes cannot be stacked anyway)."
+        )
+    if lazy(first):
+        return first
+    if isinstance(first, dict):
+        return {k: v if lazy(v) else default_collate([v]) for k, v in first.items()}
+    return type(first)(v if lazy(v) else default_collate([v]) for v in first)

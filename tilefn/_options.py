@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from ._errors import OptionError, TileSizeError
 
-__all__ = ["StreamOptions", "check_tile_option"]
+__all__ = ["StreamOptions", "canonical_tile", "check_tile_option"]
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ class StreamOptions:
         set_("device", _device(self.device))
         set_("memory_budget", check_budget(self.memory_budget, "streamify"))
         crop_batch = self.crop_batch
-        if isinstance(crop_batch, bool) or not isinstance(crop_batch, int) or crop_batch < 1:
+        if not _is_int(crop_batch) or crop_batch < 1:
             raise OptionError(f"streamify: crop_batch must be an int >= 1, got {crop_batch!r}.")
+        set_("crop_batch", int(crop_batch))
         _check_group(self.process_group)
 
 
@@ -150,7 +152,7 @@ def check_budget(memory_budget: Any, api: str) -> int | None:
     """``memory_budget`` as int bytes (or None), or an :class:`OptionError`."""
     if memory_budget is None:
         return None
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real):
         raise OptionError(
             f"{api}: memory_budget must be a number of bytes (e.g. 8e9 or 8 * 2**30), got "
             f"{memory_budget!r}."
@@ -180,9 +182,28 @@ def check_tile_option(
     tile_tuple(tile_size, ndim, api)
 
 
+def canonical_tile(tile_size: Any) -> int | tuple[int, ...] | str:
+    """``tile_size`` with integer-like entries (numpy ints) as Python ints, a sequence as a
+    tuple; anything else as given (it is checked by :func:`check_tile_option`)."""
+    if _is_int(tile_size):
+        return int(tile_size)
+    if isinstance(tile_size, (tuple, list)) and all(_is_int(t) for t in tile_size):
+        return tuple(int(t) for t in tile_size)
+    return tile_size
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python or numpy, not bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def tile_tuple(tile_size: Any, ndim: int, api: str = "streamify") -> tuple[int, ...]:
     """``tile_size`` as one positive int per spatial dim, or a :class:`TileSizeError`."""
-    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, tuple, list)):
+    if _is_int(tile_size):
+        tile_size = int(tile_size)
+    elif isinstance(tile_size, (tuple, list)) and all(_is_int(t) for t in tile_size):
+        tile_size = tuple(int(t) for t in tile_size)
+    if not isinstance(tile_size, (int, tuple, list)):
         raise TileSizeError(
             f"{api}: tile_size must be an int or a tuple with one int per spatial dim, "
             f"got {tile_size!r} ({type(tile_size).__name__})."

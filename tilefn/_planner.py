@@ -19,13 +19,14 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from ._compat import module_hooks
 from ._errors import PlanError, TileSizeError, UnsupportedLayerError, see_docs
 from ._geometry import Circular, Graph, Identity, Upsample, Window, align_down
 from ._options import tile_tuple
 from ._plan import Span, TilePlan, kept_count
-from ._trace import Trace, trace
+from ._trace import TRACE_HOOKS, Trace, trace
 
-__all__ = ["PlanCache", "auto_plan", "make_plan"]
+__all__ = ["PlanCache", "auto_plan", "make_plan", "model_fingerprint"]
 
 
 def _blocks(graph: Graph, k: int, b0: int, b1: int, length: int) -> dict[int, tuple[int, int]]:
@@ -297,12 +298,8 @@ class _Planner:
     def crop_trace(self, shape: tuple[int, ...]) -> Trace:
         if shape not in self.crop_traces:
             t = trace(self.model, self.input_shape[:2] + shape, self.dtype)
-            if t.op_names != self.full.op_names:
-                raise PlanError(
-                    f"streamify: the model runs different ops on a crop of spatial shape {shape} "
-                    f"than on the image {self.lengths}: its forward depends on the input size. "
-                    "tilefn needs a forward whose ops do not change with the image size."
-                )
+            if t.program != self.full.program:
+                raise PlanError(_different_program(self.full, t, shape, self.lengths))
             self.crop_traces[shape] = t
         return self.crop_traces[shape]
 
@@ -346,10 +343,39 @@ class _Planner:
         )
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def model_fingerprint(model: nn.Module) -> tuple:
+    """What a plan of ``model`` depends on, besides the input: for every module its path,
+    class, forward, train/eval flag, hooks and plain attributes (kernel sizes, strides,
+    paddings, dilations, scale factors, ...), and the name, shape and dtype of every
+    parameter and buffer. Replacing a layer, editing a hyperparameter in place or changing
+    dtypes gives another fingerprint, so a cached plan is never reused for a changed model."""
+    parts: list = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        attrs = tuple(sorted((k, repr(v)) for k, v in vars(m).items() if _plain(v)))
+        forward = m.__dict__.get("forward", type(m).forward)
+        hooks = tuple(h for h in module_hooks(m) if h not in TRACE_HOOKS)
+        parts.append((name, type(m), forward, attrs, hooks))
+    for name, t in model.named_parameters(remove_duplicate=False):
+        parts.append((name, tuple(t.shape), t.dtype, t.requires_grad))
+    for name, t in model.named_buffers(remove_duplicate=False):
+        parts.append((name, tuple(t.shape), t.dtype))
+    return tuple(parts)
+
+
 class PlanCache:
     """The most recent plans of one model, keyed by everything a plan depends on that can
-    change between calls: input shape, tile size, compute dtype, the train/eval flags of
-    every module, and for ``tile_size="auto"`` the budget. Bounded: slides of many sizes
+    change between calls: input shape, tile size, compute dtype, the model's
+    :func:`model_fingerprint` (structure, hyperparameters, train/eval flags, parameter
+    shapes and dtypes), and for ``tile_size="auto"`` the budget. Bounded: slides of many sizes
     keep only the ``maxsize`` most recently used plans."""
 
     def __init__(self, maxsize: int = 64):
@@ -368,10 +394,9 @@ class PlanCache:
         memory_budget: int | None,
     ) -> tuple[TilePlan, Trace]:
         """The plan (and full-image trace) for these arguments, planned on first use."""
-        flags = tuple(m.training for m in model.modules())
         tile_key = tile_size if isinstance(tile_size, (int, str)) else tuple(tile_size)
         auto = tile_key == "auto"
-        key = (shape, tile_key, dtype, flags, memory_budget if auto else None)
+        key = (shape, tile_key, dtype, model_fingerprint(model), memory_budget if auto else None)
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
@@ -384,3 +409,26 @@ class PlanCache:
         if len(self._plans) > self.maxsize:
             self._plans.popitem(last=False)
         return found
+
+
+def _different_program(full: Trace, crop: Trace, shape: tuple[int, ...], lengths) -> str:
+    """The message for a forward that runs another program on a crop than on the image."""
+    step = next(
+        (k for k, (a, b) in enumerate(zip(full.program, crop.program)) if a != b),
+        min(len(full.program), len(crop.program)),
+    )
+    if step < min(len(full.program), len(crop.program)):
+        (op_a, where_a, args_a), (op_b, where_b, args_b) = full.program[step], crop.program[step]
+        detail = (
+            f"op {step} is {op_a} in layer {where_a} with arguments {args_a} on the image, but "
+            f"{op_b} in layer {where_b} with arguments {args_b} on the crop"
+        )
+    else:
+        detail = f"one of them stops after {step} ops"
+    return (
+        f"streamify: the model runs different ops on a crop of spatial shape {shape} than on "
+        f"the image {tuple(lengths)}: {detail}. Its forward depends on the input size (a branch "
+        "on x.shape, a value computed from a size), which tiles cannot reproduce. How to fix: "
+        "make the trunk's forward independent of the input size, or move that part into the "
+        "head."
+    )

@@ -10,6 +10,8 @@ is not local is refused with the module path it ran in. Parameters are never wri
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -27,20 +29,35 @@ from ._compat import (
     is_view,
     op_arguments,
     op_name,
+    outside_functorch,
     tree_flatten,
     tree_unflatten,
     writes_argument,
 )
-from ._errors import TilefnError, TraceError, UnsupportedLayerError, see_docs
+from ._errors import InputError, TilefnError, TraceError, UnsupportedLayerError, see_docs
 from ._geometry import Circular, DimMap, Graph, Identity, Node, Op
 from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, has_spatial, ns
 from ._view_rules import VIEW_RULES
 from ._window_rules import WINDOW_RULES
 
-__all__ = ["Trace", "trace", "batchnorm_eval"]
+__all__ = ["Trace", "trace", "RunningStats", "batchnorm_eval"]
 
 # The built-in rules, registered when their modules are imported (here, before any trace).
 BUILTIN_RULES = (*VIEW_RULES, *WINDOW_RULES)
+
+
+aten = torch.ops.aten
+OpSignature = tuple[str, str, str]  # (op, layer, arguments)
+
+# Ops whose integer arguments are sizes or indices that follow the crop (a view of a crop has
+# the crop's sizes): their geometry and the sizes they produce are checked by the planner.
+_SIZE_ARGUMENT_OPS = frozenset(
+    """view _unsafe_view reshape _reshape_alias expand new_empty new_zeros new_ones new_full
+    new_empty_strided slice narrow select split split_with_sizes unbind chunk
+    upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
+    _upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d
+    upsample_trilinear3d upsample_bicubic2d""".split()
+)
 
 
 @dataclass(frozen=True)
@@ -52,21 +69,79 @@ class Trace:
     out_shapes: tuple[tuple[int, ...], ...]
     out_spatial_dims: tuple[tuple[int, ...], ...]  # per output: tensor dim of each spatial dim
     op_names: tuple[str, ...]  # every recorded op that touched the image, in order
+    program: tuple[OpSignature, ...]  # those ops with their layers and arguments
     activation_bytes: int  # bytes of all tensors computed from the image
     uses_rng: bool
 
 
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training")
+
+
+class RunningStats(TorchFunctionMode):
+    """BatchNorm layers of ``model`` run on their running statistics, without any module being
+    changed: inside this mode every ``F.batch_norm`` call that has running statistics runs
+    with ``training=False``, and the step counter (``num_batches_tracked``) of BatchNorm
+    layers in train mode is not advanced. Mode stacks are thread-local, so another thread
+    using the same model meanwhile is unaffected. (The autograd engine does not carry the
+    mode into the backward, where activation checkpointing recomputes its blocks: see
+    :func:`batchnorm_eval`.)"""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.counters = {
+            id(m.num_batches_tracked)
+            for m in model.modules()
+            if isinstance(m, BatchNormBase) and m.training and m.num_batches_tracked is not None
+        }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            bound = {**dict(zip(_BATCH_NORM_ARGS, args)), **kwargs}
+            if len(args) > len(_BATCH_NORM_ARGS):
+                bound.update(zip(("momentum", "eps"), args[len(_BATCH_NORM_ARGS) :]))
+            if bound.get("running_mean") is not None and bound.get("running_var") is not None:
+                bound["training"] = False
+            return func(**bound)
+        if func is torch.Tensor.add_ and args and id(args[0]) in self.counters:
+            return args[0]  # BatchNorm's step counter: running statistics are not updated
+        return func(*args, **kwargs)
+
+
+# While autograd runs a streamed backward, the model's BatchNorm layers are switched to
+# running statistics (see batchnorm_eval); such backwards over one model take turns.
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that :func:`batchnorm_eval` holds for ``model``."""
+    with _MODEL_LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def batchnorm_eval(model: nn.Module) -> Iterator[None]:
-    """Run every BatchNorm layer with its running statistics, restoring ``training`` after."""
-    flipped = [m for m in model.modules() if isinstance(m, BatchNormBase) and m.training]
-    for m in flipped:
-        m.training = False
-    try:
-        yield
-    finally:
+    """Switch every BatchNorm layer in train mode to eval (running statistics), restoring the
+    flags after, holding the model's lock meanwhile.
+
+    Only for what :class:`RunningStats` cannot reach: activation checkpointing recomputes its
+    blocks inside the autograd engine, possibly on another thread, where no function mode is
+    active but the modules' flags are seen. The streamed backward holds this around its
+    ``torch.autograd.grad`` calls; forwards, recomputes and traces use the mode and change
+    nothing."""
+    with model_lock(model):
+        flipped = [m for m in model.modules() if isinstance(m, BatchNormBase) and m.training]
         for m in flipped:
-            m.training = True
+            m.training = False
+        try:
+            yield
+        finally:
+            for m in flipped:
+                m.training = True
 
 
 def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -80,10 +155,15 @@ def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self, ndim: int, stack: list[tuple[str, str]]):
+    def __init__(
+        self, input_shape: tuple[int, ...], stack: list[tuple[str, str]], names: dict[int, str]
+    ):
         super().__init__()
-        self.ndim = ndim
+        self.input_shape = tuple(input_shape)
+        self.ndim = len(input_shape) - 2
         self.stack = stack
+        self.names = names  # id of each parameter and buffer -> its name
+        self.program: list[OpSignature] = []
         self.node_of: dict[int, int] = {}
         self.layouts: list[Layout] = []
         self.nodes: list[Node] = []
@@ -155,7 +235,20 @@ class _Recorder(TorchDispatchMode):
         spatial = [self.node_of.get(id(a)) for _, a in tensors]
         if any(n is not None for n in spatial):
             self._check_view_write(func, flat, tensors, spatial)
-        out = func(*margs, **mkwargs)
+            self._check_input(func, args, kwargs)
+            self.program.append(self._signature(func, flat, spec))
+        try:
+            out = func(*margs, **mkwargs)
+        except (RuntimeError, ValueError, IndexError) as err:
+            if not any(n is not None for n in spatial):
+                raise
+            shapes = [tuple(t.shape) for _, t in tensors]
+            raise TraceError(
+                f"streamify: layer {self.where()} fails on the input of shape "
+                f"{self.input_shape}: {func} on tensors of shapes {shapes} raised "
+                f"{type(err).__name__}: {err}. Check that the model accepts this input (rank, "
+                "channels, size)."
+            ) from None
         out_tensors = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not any(n is not None for n in spatial):
             for o in out_tensors:  # a constant, also when written in place
@@ -167,6 +260,55 @@ class _Recorder(TorchDispatchMode):
         except Refuse as err:
             raise self.refuse(func, err) from None
         return out
+
+    def _signature(self, func, flat: list, spec) -> OpSignature:
+        """The op as a step of the program: its name, its layer and its arguments (spatial
+        tensors by node, parameters and buffers by name, other tensors by dtype and rank,
+        scalars by value; sizes and indices of shape ops, which follow the crop, left out)."""
+        sizes_follow_crop = op_name(func)[1] in _SIZE_ARGUMENT_OPS
+
+        def sig(a: Any) -> Any:
+            if isinstance(a, torch.Tensor):
+                node = self.node_of.get(id(a))
+                if node is not None:
+                    return ("node", node)
+                name = self.names.get(id(a))
+                return ("tensor", name) if name else ("tensor", str(a.dtype), a.dim())
+            if isinstance(a, int) and not isinstance(a, bool) and sizes_follow_crop:
+                return "size"
+            if isinstance(a, (bool, int, float, str, type(None))):
+                return a
+            return str(a)  # dtypes, devices, memory formats, layouts
+
+        args = tree_unflatten([sig(a) for a in flat], spec)
+        return (str(func), self.where(), repr(args))
+
+    def _check_input(self, func, args: tuple, kwargs: dict) -> None:
+        """A convolution that reads the image itself names a wrong rank or channel count of
+        the input (an unbatched (C, H, W) image would be read as a batch of 1-d signals)."""
+        if func is not aten.convolution.default:
+            return
+        bound = _bind(func, args, kwargs)
+        x, weight = bound["input"], bound["weight"]
+        transposed, groups = bound["transposed"], bound["groups"]
+        conv_dims = weight.dim() - 2
+        if conv_dims != self.ndim:
+            raise InputError(
+                f"streamify: layer {self.where()} is a {conv_dims}-d convolution, but the input "
+                f"of shape {self.input_shape} is read as (N, C, *spatial) with {self.ndim} "
+                f"spatial dim{'s' if self.ndim > 1 else ''}. "
+                + (
+                    "For an unbatched image, add the batch dim: backbone(x[None])."
+                    if conv_dims > self.ndim
+                    else "Give the input the shape the model expects."
+                )
+            )
+        expected = weight.shape[0] if transposed else weight.shape[1] * groups
+        if self.node_of.get(id(x)) == 0 and x.shape[1] != expected:
+            raise InputError(
+                f"streamify: layer {self.where()} expects {expected} input channels, but the "
+                f"input of shape {self.input_shape} has {x.shape[1]}."
+            )
 
     def _check_view_write(self, func, flat, tensors, spatial) -> None:
         for (pos, t), node in zip(tensors, spatial):
@@ -325,31 +467,43 @@ class _FunctionMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# Identities of the hooks traces have registered right now (a model's fingerprint leaves them
+# out: a trace in one thread must not make another thread plan again).
+TRACE_HOOKS: set[int] = set()
+
+
 @contextlib.contextmanager
 def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[None]:
     """Keep ``stack`` at the (path, class) of the modules of ``model`` now running, through
-    hooks on the model's own modules (removed after)."""
+    hooks on the model's own modules (removed after). The hooks act on this thread only: the
+    model may run in other threads meanwhile (their own streamed passes or traces)."""
     handles = []
+    owner = threading.get_ident()
 
     def hooks(name: str, module: nn.Module):
         def pre(module, args):
-            stack.append((name, type(module).__name__))
+            if threading.get_ident() == owner:
+                stack.append((name, type(module).__name__))
 
         def post(module, args, output):
-            if stack:
+            if stack and threading.get_ident() == owner:
                 stack.pop()
 
         return pre, post
 
+    mine: list[int] = []
     try:
         for name, module in model.named_modules():
             pre, post = hooks(name, module)
+            mine += [id(pre), id(post)]
+            TRACE_HOOKS.update(mine[-2:])
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post, always_call=True))
         yield
     finally:
         for h in handles:
             h.remove()
+        TRACE_HOOKS.difference_update(mine)
 
 
 @contextlib.contextmanager
@@ -367,10 +521,18 @@ def _recording_state() -> Iterator[None]:
 # composite ops such as aten.conv2d from the recorder, so always record outside it.
 @torch.inference_mode(False)
 def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> Trace:
-    """Record ``model`` on a meta tensor of ``input_shape``; BatchNorm uses running stats."""
+    """Record ``model`` on a meta tensor of ``input_shape``; BatchNorm uses running stats.
+    Transforms active around the call (torch.func.grad, vjp) do not see the recording."""
+    with outside_functorch():
+        return _record_model(model, input_shape, dtype)
+
+
+def _record_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> Trace:
     ndim = len(input_shape) - 2
     stack: list[tuple[str, str]] = []
-    rec = _Recorder(ndim, stack)
+    names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+    names.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
+    rec = _Recorder(input_shape, stack, names)
     x = torch.empty(input_shape, device="meta", dtype=dtype)
     layout: Layout = ((ns(input_shape[0]),), (ns(input_shape[1]),)) + tuple(
         (k,) for k in range(ndim)
@@ -381,7 +543,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) ->
         with (
             _recording_state(),
             torch.no_grad(),
-            batchnorm_eval(model),
+            RunningStats(model),
             _module_paths(model, stack),
             rec,
             _FunctionMode(rec),
@@ -431,6 +593,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) ->
         out_shapes=tuple(out_shapes),
         out_spatial_dims=tuple(out_dims),
         op_names=tuple(op.name for op in rec.ops),
+        program=tuple(rec.program),
         activation_bytes=rec.activation_bytes,
         uses_rng=rec.uses_rng,
     )

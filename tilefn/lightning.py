@@ -29,6 +29,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
 
 from ._api import StreamedBackbone, TileSize, streamify
 from ._errors import InputTypeError, OptionError
+from ._inputs import ImageSource
 from ._training import GradAccumulator, scheduler_config, scheduler_is_due, step_scheduler
 
 __all__ = ["StreamedModule"]
@@ -241,7 +242,7 @@ class StreamedModule(pl.LightningModule):
         return self._evaluate("test", batch)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        if isinstance(batch, torch.Tensor):
+        if isinstance(batch, (torch.Tensor, ImageSource)):  # a tensor, or a lazy image
             x = batch
         elif isinstance(batch, (tuple, list)) and len(batch) == 1:  # TensorDataset of images
             x = batch[0]
