@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._compat import module_hooks
-from ._errors import PlanError, TileSizeError, UnsupportedLayerError, see_docs
+from ._errors import PlanError, TilefnError, TileSizeError, UnsupportedLayerError, see_docs
 from ._geometry import Circular, Graph, Identity, Upsample, Window, align_down
 from ._options import tile_tuple
 from ._plan import Span, TilePlan, kept_count
@@ -285,6 +285,15 @@ class _Planner:
             )
         return self._min_tile
 
+    def streaming_min_tile(self) -> tuple[int, ...] | None:
+        """The minimum tile of the receptive field itself, planned on a larger image (the
+        minimum on this image is capped at its size); None if that cannot be planned."""
+        bigger = tuple(-(-max(4 * n, n + 4096) // a) * a for n, a in zip(self.lengths, self.aligns))
+        try:
+            return _Planner(self.model, self.input_shape[:2] + bigger, self.dtype).min_tile()
+        except TilefnError:
+            return None
+
     def fixed_bytes(self) -> int:
         """Parameters and their gradients, the image, the stitched outputs and theirs."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
@@ -300,6 +309,20 @@ class _Planner:
             t = trace(self.model, self.input_shape[:2] + shape, self.dtype)
             if t.program != self.full.program:
                 raise PlanError(_different_program(self.full, t, shape, self.lengths))
+            strides = [n.scales for n in self.full.graph.nodes]
+            if [n.scales for n in t.graph.nodes] != strides:
+                op = next(
+                    op
+                    for op in t.graph.ops
+                    if any(t.graph.nodes[o].scales != strides[o] for o in op.outputs)
+                )
+                raise PlanError(
+                    f"streamify: layer {op.where} ({op.name}) changes the resolution by another "
+                    f"factor on a crop of spatial shape {shape} than on the image "
+                    f"{self.lengths} (an interpolation to a size= that is not the same "
+                    "multiple of its input on every crop), which tiles cannot reproduce. How "
+                    "to fix: use an integer scale_factor, or make the sizes divisible."
+                )
             self.crop_traces[shape] = t
         return self.crop_traces[shape]
 
@@ -314,12 +337,25 @@ class _Planner:
             minimum = self.min_tile()
             short = [k for k in range(ndim) if tiles[k] < minimum[k]] or [k]
             need = minimum[0] if ndim == 1 else minimum
-            raise TileSizeError(
+            msg = (
                 f"streamify: tile_size {tiles[0] if ndim == 1 else tiles} is too small for this "
                 f"network's receptive field along spatial dim{'s' if len(short) > 1 else ''} "
                 f"{', '.join(map(str, short))} (alignment {aligns[0] if ndim == 1 else aligns}). "
-                f"Use tile_size >= {need} for input shape {self.input_shape}."
-            ) from None
+            )
+            capped = [k for k in range(ndim) if minimum[k] >= lengths[k]]
+            streaming = self.streaming_min_tile() if capped else None
+            if streaming is not None and any(streaming[k] >= lengths[k] for k in capped):
+                need_s = streaming[0] if ndim == 1 else streaming
+                msg += (
+                    f"Streaming this network needs tiles of at least {need_s} px (its receptive "
+                    f"field), and the image {lengths[0] if ndim == 1 else lengths} is not larger "
+                    "than that, so it can only run as one tile: use tile_size >= "
+                    f"{need} for input shape {self.input_shape} (no streaming), or a larger "
+                    "image."
+                )
+            else:
+                msg += f"Use tile_size >= {need} for input shape {self.input_shape}."
+            raise TileSizeError(msg) from None
         spans = tuple(tuple(s for s, _ in sn) for sn in spans_needs)
         # Check the sizes the model really produces on each distinct crop length.
         base = [max(s.length for s in spans[k]) for k in range(ndim)]

@@ -32,12 +32,32 @@ aten = torch.ops.aten
 
 
 def _view(call: OpCall) -> OpGeometry:
+    """A view or reshape: the new dims take the atoms of the old layout in order.
+
+    Spatial dims of size 1 fit any size-1 dim, so they are placed by convention: a run of
+    size-1 new dims takes the size-1 spatial atoms that come next on its *last* dims (the
+    batch dim, size 1 and dropped from layouts, comes first), and a new dim of size > 1
+    takes the size-1 spatial atoms that follow it when the next new dim is not of size 1
+    (``(1, 64, 1, C) -> (64, C)`` keeps W with H).
+    """
     t: TensorArg = call.args["self"]
     new_shape = list(call.out_shapes[0])
     atoms = [a for dim in t.layout for a in dim if a != ns(1)]  # type: ignore[union-attr]
+    unit = lambda k: k < len(atoms) and atoms[k] >= 0 and atom_size(atoms[k], t.sizes) == 1  # noqa: E731
     out: list[tuple[int, ...]] = []
-    i = 0
-    for target in new_shape:
+    i = j = 0
+    while j < len(new_shape):
+        target = new_shape[j]
+        if target == 1:
+            run = 1
+            while j + run < len(new_shape) and new_shape[j + run] == 1:
+                run += 1
+            units = 0
+            while units < run and unit(i + units):
+                units += 1
+            out += [(ns(1),)] * (run - units) + [(a,) for a in atoms[i : i + units]]
+            i, j = i + units, j + run
+            continue
         group: list[int] = []
         prod = 1
         while prod < target:
@@ -60,7 +80,12 @@ def _view(call: OpCall) -> OpGeometry:
                     "the image, or splitting it into windows)",
                     "keep flatten/reshape over spatial dims in the head, after streaming",
                 )
-        out.append(tuple(group) if group else (ns(target),))
+        if j + 1 == len(new_shape) or new_shape[j + 1] != 1:
+            while unit(i):
+                group.append(atoms[i])
+                i += 1
+        out.append(tuple(group))
+        j += 1
     if any(a >= 0 for a in atoms[i:]):
         raise Refuse("reshapes the spatial dims")  # pragma: no cover
     layout = canonical(out, t.sizes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 
@@ -183,22 +184,41 @@ def _upsample(call: OpCall, mode: str, n: int) -> OpGeometry:
     else:
         keys = {1: ["scales"], 2: ["scales_h", "scales_w"], 3: ["scales_d", "scales_h", "scales_w"]}
         scales = [call.args.get(key) for key in keys[n]]
+    first = len(t.shape) - n
     if scales is None or any(s is None for s in scales):
-        raise Refuse(
-            "interpolates to a fixed output size (F.interpolate(size=...)), so the scale "
-            "depends on the size of the whole image",
-            "use F.interpolate(x, scale_factor=<integer>) instead of size=",
-        )
-    factors = []
-    for s in scales:
-        if float(s) != int(s) or int(s) < 1:
+        # F.interpolate(size=...) (also scale_factor= with recompute_scale_factor=True): the
+        # kernel samples at input/output size ratios. Exact integer ratios are the same as an
+        # integer scale_factor; every crop's trace must give the same ratios (the planner
+        # checks that the strides of all tensors agree between the image and each crop).
+        ratios = [
+            Fraction(out, size) for out, size in zip(call.out_shapes[0][first:], t.shape[first:])
+        ]
+    else:
+        ratios = [Fraction(float(s)).limit_denominator(1 << 20) for s in scales]
+    maps: list[DimMap] = []
+    for r in ratios:
+        if r.denominator == 1 and r >= 1:
+            maps.append(Upsample(int(r), mode))
+        elif r.numerator == 1 and mode == "nearest":  # nearest by 1/k: every k-th position
+            k = r.denominator
+            maps.append(Window(kernel=1, stride=k, after=1 - k))
+        elif scales is not None:
             raise Refuse(
-                f"interpolates by the non-integer scale factor {s}",
+                f"interpolates by the non-integer scale factor {float(r):g} (only integer "
+                "factors, or 1/k with mode='nearest', keep output positions on a fixed grid "
+                "of input positions)",
                 "use an integer scale_factor (2, 3, ...)",
             )
-        factors.append(int(s))
-    first = len(t.shape) - n
-    return _window_maps(call, t, first, "interpolation", lambda j: Upsample(factors[j], mode))
+        else:
+            raise Refuse(
+                f"interpolates to the size {tuple(call.out_shapes[0][first:])} from "
+                f"{tuple(t.shape[first:])}, the ratio {r}, which is not an integer factor (or "
+                "1/k for mode='nearest'), so output positions do not sit on a fixed grid of "
+                "input positions",
+                "interpolate to an integer multiple of the input size (size=skip.shape[-2:] "
+                "with a skip at twice the resolution), or use an integer scale_factor",
+            )
+    return _window_maps(call, t, first, "interpolation", lambda j: maps[j])
 
 
 def _pixel_shuffle(call: OpCall, shuffle: bool) -> OpGeometry:

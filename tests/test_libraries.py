@@ -1,0 +1,170 @@
+"""Layers that real libraries use and that stream exactly: interpolation to a ``size=`` that is
+an integer multiple of the input (smp U-Net decoders, torchvision's FeaturePyramidNetwork),
+``recompute_scale_factor=True``, nearest subsampling by 1/k, and the networks themselves.
+
+The float64 reference is the plain model; ``tilefn.testing.assert_streams_like`` checks the
+output, every parameter gradient and the input gradient through both ``streamed_vjp`` and
+``loss.backward()``. Whole library networks need large images (their receptive fields are
+several hundred pixels) and are marked slow.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tilefn
+import tilefn.testing
+
+DTYPE = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def image(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+class SkipUp(nn.Module):
+    """A U-Net step: downsample, then interpolate back to the skip's size and concatenate."""
+
+    def __init__(self, mode: str, down: int = 2) -> None:
+        super().__init__()
+        self.mode = mode
+        self.down = nn.Conv2d(2, 4, 3, stride=down, padding=1)
+        self.out = nn.Conv2d(6, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.down(x)
+        extra = {} if self.mode == "nearest" else {"align_corners": False}
+        up = F.interpolate(d, size=x.shape[-2:], mode=self.mode, **extra)
+        return self.out(torch.cat([up, x], 1))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("down", [2, 4])
+def test_interpolate_to_an_integer_multiple_size_streams_exactly(mode: str, down: int) -> None:
+    torch.manual_seed(0)
+    tilefn.testing.assert_streams_like(SkipUp(mode, down).to(DTYPE), image(1, 2, 96, 80), 40)
+
+
+class Interp(nn.Module):
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.kwargs = kwargs
+        self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.interpolate(self.a(x), **self.kwargs))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scale_factor": 2.0, "mode": "bilinear", "recompute_scale_factor": True},
+        {"scale_factor": 3, "mode": "nearest", "recompute_scale_factor": True},
+        {"scale_factor": 0.5, "mode": "nearest"},
+        {"scale_factor": 1 / 3, "mode": "nearest"},
+    ],
+    ids=["bilinear-x2-recompute", "nearest-x3-recompute", "nearest-half", "nearest-third"],
+)
+@pytest.mark.parametrize("size", [(96, 80), (97, 83)])
+def test_scale_factors_that_sit_on_the_grid_stream_exactly(kwargs: dict, size: tuple) -> None:
+    torch.manual_seed(0)
+    tilefn.testing.assert_streams_like(Interp(**kwargs).to(DTYPE), image(1, 2, *size), 40)
+
+
+def test_ratios_off_the_grid_are_refused() -> None:
+    with pytest.raises(tilefn.UnsupportedLayerError, match=r"non-integer scale factor 1.5"):
+        tilefn.plan(Interp(scale_factor=1.5, mode="bilinear").to(DTYPE), (1, 2, 64, 64), 32)
+    with pytest.raises(tilefn.UnsupportedLayerError, match=r"non-integer scale factor 0.5"):
+        tilefn.plan(Interp(scale_factor=0.5, mode="bilinear").to(DTYPE), (1, 2, 64, 64), 32)
+    with pytest.raises(tilefn.UnsupportedLayerError, match=r"non-integer scale factor 1.5"):
+        tilefn.plan(Interp(size=(48, 48), mode="bilinear").to(DTYPE), (1, 2, 32, 32), 16)
+
+
+class FixedSize(nn.Module):
+    """Interpolates to a size that is a multiple of the image, not of its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.a(x), size=(x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2))
+
+
+def test_a_size_that_is_not_the_same_multiple_on_every_crop_is_refused() -> None:
+    with pytest.raises((tilefn.PlanError, tilefn.UnsupportedLayerError)):
+        tilefn.streamify(FixedSize().to(DTYPE), 40).backbone(image(1, 2, 96, 97))
+
+
+def test_torchvision_feature_pyramid_on_a_small_backbone_streams_exactly() -> None:
+    """torchvision's FPN interpolates each level to the size of the next (``size=``)."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.ops import FeaturePyramidNetwork
+
+    class BackboneWithFPN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            stages = OrderedDict(
+                s1=nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU()),
+                s2=nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU()),
+                s3=nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU()),
+            )
+            self.body = IntermediateLayerGetter(
+                nn.Sequential(stages), {"s1": "0", "s2": "1", "s3": "2"}
+            )
+            self.fpn = FeaturePyramidNetwork([4, 6, 8], 5)
+
+        def forward(self, x: torch.Tensor):
+            return self.fpn(self.body(x))
+
+    torch.manual_seed(0)
+    tilefn.testing.assert_streams_like(BackboneWithFPN().to(DTYPE), image(1, 3, 128, 112), 72)
+
+
+@pytest.mark.slow
+def test_smp_unet_and_torchvision_resnet_fpn_stream_exactly() -> None:
+    """The libraries' own code paths, no shims (about 5 minutes on 2 cores)."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    x = image(1, 3, 704, 640)
+    unet = smp.Unet("resnet18", encoder_weights=None, classes=2).to(DTYPE).eval()
+    tilefn.testing.assert_streams_like(unet, x, 640, rtol=1e-8, atol=1e-8)
+    fpn = resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, trainable_layers=5, returned_layers=[2, 3, 4]
+    )
+    tilefn.testing.assert_streams_like(fpn.to(DTYPE).eval(), x, 640, rtol=1e-8, atol=1e-8)
+
+
+class PerPixelLinear(nn.Module):
+    """A patchify conv, then ``nn.Linear`` on the channels-last map (as timm's ConvNeXt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch, self.fc = nn.Conv2d(3, 4, 4, stride=4), nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.patch(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 256), (1, 3, 256, 4), (2, 3, 4, 256), (2, 3, 256, 4)])
+def test_per_pixel_linear_with_a_spatial_dim_of_size_one(shape: tuple) -> None:
+    torch.manual_seed(0)
+    tilefn.testing.assert_streams_like(PerPixelLinear().to(DTYPE), image(*shape), 64)
+
+
+def test_the_minimum_tile_is_the_receptive_field_not_the_image() -> None:
+    deep = nn.Sequential(*[nn.Conv2d(1, 1, 9, padding=4) for _ in range(12)]).to(DTYPE)
+    with pytest.raises(
+        tilefn.TileSizeError, match=r"needs tiles of at least \(97, 97\) px"
+    ) as info:
+        tilefn.plan(deep, (1, 1, 80, 80), 32)
+    assert "can only run as one tile: use tile_size >= (80, 80)" in str(info.value)
+    with pytest.raises(tilefn.TileSizeError, match=r"Use tile_size >= \(97, 97\)"):
+        tilefn.plan(deep, (1, 1, 400, 400), 32)
