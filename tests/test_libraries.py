@@ -168,3 +168,80 @@ def test_the_minimum_tile_is_the_receptive_field_not_the_image() -> None:
     assert "can only run as one tile: use tile_size >= (80, 80)" in str(info.value)
     with pytest.raises(tilefn.TileSizeError, match=r"Use tile_size >= \(97, 97\)"):
         tilefn.plan(deep, (1, 1, 400, 400), 32)
+
+
+TIMM_MODELS = [
+    "resnet18",
+    "resnet18d",
+    "convnext_atto",
+    "regnetx_002",
+    "vgg11",
+    "mobilenetv3_small_050",
+]
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_split_cuts_timm_models_into_features_and_head(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=3).eval()
+    trunk, head = tilefn.split(model)
+    x = image(1, 3, 96, 96).float()
+    assert torch.equal(head(trunk(x)), model(x))
+    trunk_ids = {id(p) for p in trunk.parameters()}
+    head_ids = {id(p) for p in head.parameters()}
+    assert not trunk_ids & head_ids
+    assert trunk_ids | head_ids == {id(p) for p in model.parameters()}
+
+
+def test_split_refuses_num_classes_for_timm() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(
+        tilefn.OptionError, match=r"timm.create_model\(name, pretrained=False, num_classes"
+    ):
+        tilefn.split(model, num_classes=2)
+
+
+@pytest.mark.slow
+def test_timm_trunks_and_feature_pyramids_stream_exactly() -> None:
+    timm = pytest.importorskip("timm")
+    x = image(1, 3, 640, 576)
+    trunk, _ = tilefn.split(timm.create_model("resnet18", pretrained=False).to(DTYPE).eval())
+    tilefn.testing.assert_streams_like(trunk, x, 512, rtol=1e-8, atol=1e-8)
+    pyramid = timm.create_model(
+        "resnet18", pretrained=False, features_only=True, out_indices=(2, 3, 4)
+    )
+    tilefn.testing.assert_streams_like(pyramid.to(DTYPE).eval(), x, 512, rtol=1e-8, atol=1e-8)
+
+
+def test_refusals_of_library_layers_name_the_real_cause() -> None:
+    inorm = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True))
+    with pytest.raises(
+        tilefn.UnsupportedLayerError,
+        match=r"'1' \(InstanceNorm2d\) normalises each sample(?s:.*)norm='batch'",
+    ):
+        tilefn.plan(inorm, (1, 3, 64, 64), 32)
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    aspp = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ASPP(8, [2, 4]))
+    with pytest.raises(tilefn.UnsupportedLayerError, match=r"image-pooling branch \(ASPP"):
+        tilefn.plan(aspp, (1, 3, 64, 64), 32)
+
+    class Tokens(nn.Module):  # a ViT's patch tokens and class token
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, 4, stride=4)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.patch(x).flatten(2).transpose(1, 2)
+            return torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1)
+
+    with pytest.raises(tilefn.UnsupportedLayerError, match=r"sequence of tokens"):
+        tilefn.plan(Tokens(), (1, 3, 64, 64), 32)
+
+
+def test_monai_unet_with_batch_norm_streams_exactly() -> None:
+    monai = pytest.importorskip("monai")
+    net = monai.networks.nets.UNet(2, 1, 1, channels=(4, 8, 16), strides=(2, 2), norm="batch")
+    tilefn.testing.assert_streams_like(net.to(DTYPE).eval(), image(1, 1, 96, 96), 40)

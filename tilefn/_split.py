@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._errors import InputTypeError, OptionError, UnsupportedLayerError
+from ._trace import RunningStats
 
 __all__ = ["split", "SpatialMean"]
 
@@ -221,6 +222,8 @@ def split(
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
     ):
         raise OptionError(f"split: num_classes must be a positive int or None, got {num_classes!r}")
+    if _is_timm(model):
+        return _split_timm(model, num_classes)
     family = _family_of(model)
     name = type(model).__name__
     if family is None:
@@ -241,6 +244,104 @@ def split(
     if num_classes is not None:
         head = _replace_final_layer(head, num_classes, family.init)
     return trunk, head
+
+
+# ----------------------------------------------------------------------------- timm
+
+# The children of timm models that forward_head uses (the rest is forward_features).
+_TIMM_HEAD_CHILDREN = (
+    "global_pool",
+    "head_drop",
+    "pre_logits",
+    "fc_norm",
+    "head",
+    "fc",
+    "classifier",
+)
+
+
+def _is_timm(model: object) -> bool:
+    return (
+        isinstance(model, nn.Module)
+        and type(model).__module__.startswith("timm.")
+        and callable(getattr(model, "forward_features", None))
+        and callable(getattr(model, "forward_head", None))
+    )
+
+
+class TimmPart(nn.Module):
+    """One side of a split timm model: the model's own ``forward_features`` (the trunk) or
+    ``forward_head`` (the head), holding exactly the children that side uses (the same
+    modules as the model's, under the model's names)."""
+
+    def __init__(self, model: nn.Module, method: str, children: list[str]):
+        super().__init__()
+        object.__setattr__(self, "_timm_model", model)
+        self.method = method
+        for name in children:
+            self.add_module(name, getattr(model, name))
+        self.training = model.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self._timm_model, self.method)(x)
+
+    def extra_repr(self) -> str:
+        return f"{type(self._timm_model).__name__}.{self.method}"
+
+
+def _split_timm(model: nn.Module, num_classes: int | None) -> tuple[nn.Module, nn.Module]:
+    name = type(model).__name__
+    if num_classes is not None:
+        raise OptionError(
+            f"split: for timm models ({name}) create the model with the classes you want, "
+            "timm.create_model(name, pretrained=False, num_classes=...), and split it without "
+            "num_classes (split never modifies the model)."
+        )
+    children = [n for n, _ in model.named_children()]
+    in_features, in_head = _children_run(model)
+    shared = sorted(set(in_features or []) & set(in_head))
+    if shared or in_features is None:
+        why = (
+            f"forward_features and forward_head both run {shared[0]!r}"
+            if shared
+            else "its forward_features could not be run on a small probe input"
+        )
+        raise InputTypeError(
+            f"split: {name} cannot be split by its children: {why}.\n" + _HOW_TO_SPLIT_BY_HAND
+        )
+    head_names = [
+        n for n in children if n in in_head or (n in _TIMM_HEAD_CHILDREN and n not in in_features)
+    ]
+    trunk = TimmPart(model, "forward_features", [n for n in children if n not in head_names])
+    head = TimmPart(model, "forward_head", head_names)
+    _refuse_global(name, list(trunk.named_children()))
+    return trunk, head
+
+
+def _children_run(model: nn.Module) -> tuple[list[str] | None, list[str]]:
+    """The children ``model.forward_features`` runs and those ``forward_head`` runs, on a
+    small zero image (None: forward_features could not run on it)."""
+    seen: dict[str, list[str]] = {"features": [], "head": []}
+    phase = ["features"]
+    handles = [
+        child.register_forward_pre_hook(lambda m, a, n=n: seen[phase[0]].append(n))
+        for n, child in model.named_children()
+    ]
+    channels = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
+    p = next(model.parameters(), torch.empty(()))
+    probe = torch.zeros(1, channels, 224, 224, dtype=p.dtype, device=p.device)
+    try:  # BatchNorm on running statistics and a forked RNG: the probe changes nothing
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), RunningStats(model):
+            features = model.forward_features(probe)
+            phase[0] = "head"
+            model.forward_head(features)
+    except Exception:  # noqa: BLE001 - a model that cannot run on the probe is refused
+        if phase[0] == "features":
+            return None, []
+    finally:
+        for h in handles:
+            h.remove()
+    return seen["features"], seen["head"]
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -195,20 +195,34 @@ class _Recorder(TorchDispatchMode):
             layer += ")"
         else:
             layer = "layer '<root>'"
+        cls = self.stack[-1][1] if self.stack else ""
+        if cls.startswith("InstanceNorm") and "statistics" in err.why:
+            err = Refuse(
+                "normalises each sample with the mean and variance over all its positions "
+                "(instance statistics), which a tile cannot reproduce",
+                "use BatchNorm (tilefn runs it on its running statistics) or a per-pixel "
+                "LayerNorm instead; MONAI networks take norm='batch', which streams exactly",
+            )
         op = "" if str(func) in err.why else f" (aten op {func})"
         msg = f"streamify: {layer} {err.why}{op}."
         inside = [(p, c) for p, c in self.stack[:-1] if p and c != "Sequential"]
         if err.global_op and inside:
-            # Global pooling inside a block: squeeze-and-excitation and global-context blocks
-            # feed the whole-image summary back into every position.
+            # Global pooling inside a block: squeeze-and-excitation, image-pooling branches
+            # (ASPP, pyramid pooling) and global-context blocks feed the whole-image summary
+            # back into every position.
             path, cls = inside[-1]
+            kind = (
+                "an image-pooling branch (ASPP, pyramid pooling)"
+                if "ASPP" in cls or "Pyramid" in cls or "PSP" in cls
+                else "squeeze-and-excitation or a global-context block"
+            )
             msg += (
                 f" It is part of the block '{path}' ({cls}). How to fix: if that block feeds "
-                "a whole-image summary back into every position (as squeeze-and-excitation "
-                "does), neither it nor anything after it can be streamed: end the trunk "
-                f"before '{path}' and put the rest in the head, or use a model without such "
-                "blocks (e.g. ResNet, ConvNeXt or MobileNetV2 instead of EfficientNet or "
-                f"MobileNetV3); otherwise {err.fix}."
+                f"a whole-image summary back into every position (as {kind} does), neither "
+                f"it nor anything after it can be streamed: end the trunk before '{path}' "
+                "and put the rest in the head, or use a model without such blocks (e.g. "
+                "ResNet, ConvNeXt or MobileNetV2 instead of EfficientNet or MobileNetV3, a "
+                f"U-Net or FPN decoder instead of DeepLabV3/PSPNet); otherwise {err.fix}."
             )
         elif err.fix:
             msg += f" How to fix: {err.fix}."

@@ -226,6 +226,15 @@ def _cat(call: OpCall) -> OpGeometry:
     spatial = [t for t in tensors if t.spatial]
     ref = spatial[0]
     d = call.args.get("dim", 0) % len(ref.shape)
+    if sum(a >= 0 for a in ref.layout[d]) > 1:
+        raise Refuse(
+            "treats the image's positions as a sequence of tokens (its spatial dims are "
+            "flattened into one, and a token is concatenated to them, as the class token of a "
+            "vision transformer), so attention over the tokens mixes every position of the "
+            "image",
+            "stream a convolutional trunk (or the patch embedding only) and run the "
+            "transformer blocks in the head, on the stitched feature map",
+        )
     if has_spatial(ref.layout[d]):
         raise Refuse(
             "concatenates tensors along a spatial dim", "concatenate along channels instead"
