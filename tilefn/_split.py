@@ -185,7 +185,10 @@ def split(
 
     Supported families (torchvision.models classes): ResNet (resnet, resnext, wide_resnet),
     ConvNeXt, VGG (with and without batch norm), AlexNet, DenseNet, MobileNetV2, RegNet
-    (X variants), ShuffleNetV2, MNASNet, SqueezeNet.
+    (X variants), ShuffleNetV2, MNASNet, SqueezeNet. timm models are split into their own
+    ``forward_features`` (the trunk) and ``forward_head`` (the head), each holding the
+    children it runs (found by running both once on a small zero image); whether the trunk
+    streams depends on the family (squeeze-excitation is refused by :func:`streamify`).
 
     Args:
         model: A torchvision classification model. Its class must be torchvision's (or a
@@ -195,7 +198,8 @@ def split(
             layer's dtype, device and train/eval mode. The model itself is not modified.
 
     Returns:
-        ``(trunk, head)``, two ``nn.Sequential``.
+        ``(trunk, head)``, two ``nn.Sequential`` (for timm models, two modules that call the
+        model's ``forward_features`` and ``forward_head``).
 
     Raises:
         InputTypeError: ``model`` is not a model of a supported family (the message lists
