@@ -245,3 +245,21 @@ def test_monai_unet_with_batch_norm_streams_exactly() -> None:
     monai = pytest.importorskip("monai")
     net = monai.networks.nets.UNet(2, 1, 1, channels=(4, 8, 16), strides=(2, 2), norm="batch")
     tilefn.testing.assert_streams_like(net.to(DTYPE).eval(), image(1, 1, 96, 96), 40)
+
+
+class EmptySkip(nn.Module):
+    """A U-Net decoder with an empty skip (no channels), as smp builds for encoders without
+    a stride-2 stage (timm ConvNeXt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y, y.new_zeros(y.shape[0], 0, *y.shape[2:])], 1)
+
+
+def test_concatenating_an_empty_skip_streams_exactly() -> None:
+    torch.manual_seed(0)
+    tilefn.testing.assert_streams_like(EmptySkip().to(DTYPE), image(1, 2, 64, 64), 32)

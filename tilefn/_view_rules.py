@@ -4,6 +4,8 @@ normalisation layers, matrix products (per-pixel ``nn.Linear``)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._geometry import Identity, Window
@@ -222,7 +224,8 @@ def _split(call: OpCall) -> OpGeometry:
 
 
 def _cat(call: OpCall) -> OpGeometry:
-    tensors = [t for t in call.args["tensors"] if t.shape != (0,)]
+    # Empty tensors (the legacy shape (0,), or a skip with no channels) add nothing.
+    tensors = [t for t in call.args["tensors"] if t.spatial or math.prod(t.shape) > 0]
     spatial = [t for t in tensors if t.spatial]
     ref = spatial[0]
     d = call.args.get("dim", 0) % len(ref.shape)
