@@ -97,9 +97,27 @@ class FixedSize(nn.Module):
         return F.interpolate(self.a(x), size=(x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2))
 
 
+class RatioBySize(nn.Module):
+    """Interpolates by 2 on inputs wider than 80 and by 3 on narrower ones (a crop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        factor = 2 if x.shape[-1] > 80 else 3
+        return F.interpolate(y, size=tuple(s * factor for s in y.shape[-2:]))
+
+
 def test_a_size_that_is_not_the_same_multiple_on_every_crop_is_refused() -> None:
-    with pytest.raises((tilefn.PlanError, tilefn.UnsupportedLayerError)):
+    with pytest.raises(tilefn.UnsupportedLayerError, match=r"non-integer scale factor 1.95918"):
         tilefn.streamify(FixedSize().to(DTYPE), 40).backbone(image(1, 2, 96, 97))
+    with pytest.raises(
+        tilefn.PlanError,
+        match=r"^streamify: layer '<root>' \(RatioBySize\) .*changes the resolution by another factor on a crop",
+    ):
+        tilefn.streamify(RatioBySize().to(DTYPE), 40).backbone(image(1, 2, 96, 96))
 
 
 def test_torchvision_feature_pyramid_on_a_small_backbone_streams_exactly() -> None:
@@ -263,3 +281,22 @@ class EmptySkip(nn.Module):
 def test_concatenating_an_empty_skip_streams_exactly() -> None:
     torch.manual_seed(0)
     tilefn.testing.assert_streams_like(EmptySkip().to(DTYPE), image(1, 2, 64, 64), 32)
+
+
+def test_split_refuses_a_timm_model_whose_head_reuses_a_trunk_child() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 2)
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+        def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    Shared.__module__ = "timm.models.fake"  # split recognises timm models by their module
+    with pytest.raises(
+        tilefn.InputTypeError, match=r"forward_features and forward_head both run 'conv'"
+    ):
+        tilefn.split(Shared().eval())

@@ -160,6 +160,7 @@ class StreamedBackbone(nn.Module):
         plan_, trace_ = self._plan(tuple(source.shape), reader.dtype)
         state = model_state(self._model)  # what the model computes with now
         names = [n for n, p in self._model.named_parameters() if p.requires_grad]
+        trained = set(names)
         tensor = source.tensor
         x_grad = tensor is not None and tensor.requires_grad
         rng = RngState(reader.device) if plan_.uses_rng else None
@@ -170,7 +171,7 @@ class StreamedBackbone(nn.Module):
                 source,
                 reader,
                 names,
-                {n: t for n, t in state.items() if n not in names},
+                {n: t for n, t in state.items() if n not in trained},
                 rng,
             )
             outs = StreamedFunction.apply(call, tensor, *(state[n] for n in names))[:-1]

@@ -323,7 +323,8 @@ class Executor:
         order = [i for i in backward_order(list(owned_by), kept) if owned_by[i]]
         usable = {i for i, k in kept.items() if k.leaf is not None or not want_input}
         groups = crop_groups(plan, order, usable, self.options.crop_batch)
-        with self._context(rng):
+        # batchnorm_eval: checkpointed blocks recompute inside autograd.grad, out of the mode.
+        with self._context(rng), batchnorm_eval(self.model):
             for group in self._progress(groups, "backward"):
                 with (
                     torch.enable_grad(),
@@ -351,8 +352,7 @@ class Executor:
                 if not pieces:
                     continue
                 inputs = list(params) + [leaf for leaf in leafs if leaf is not None]
-                with batchnorm_eval(self.model):  # checkpointed blocks recompute in here
-                    got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
+                got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
                 for k, g in enumerate(got[: len(params)]):
                     if g is not None:
                         grads[k] = g if grads[k] is None else grads[k].add_(g)

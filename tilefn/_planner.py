@@ -401,7 +401,7 @@ def model_fingerprint(model: nn.Module) -> tuple:
         hooks = tuple(h for h in module_hooks(m) if h not in TRACE_HOOKS)
         parts.append((name, type(m), forward, attrs, hooks))
     for name, t in model.named_parameters(remove_duplicate=False):
-        parts.append((name, tuple(t.shape), t.dtype, t.requires_grad))
+        parts.append((name, tuple(t.shape), t.dtype))
     for name, t in model.named_buffers(remove_duplicate=False):
         parts.append((name, tuple(t.shape), t.dtype))
     return tuple(parts)

@@ -37,13 +37,10 @@ from ._compat import (
 from ._errors import InputError, TilefnError, TraceError, UnsupportedLayerError, see_docs
 from ._geometry import Circular, DimMap, Graph, Identity, Node, Op
 from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, has_spatial, ns
-from ._view_rules import VIEW_RULES
-from ._window_rules import WINDOW_RULES
+from ._view_rules import VIEW_RULES  # noqa: F401 - importing registers the built-in rules
+from ._window_rules import WINDOW_RULES  # noqa: F401 - importing registers the built-in rules
 
 __all__ = ["Trace", "trace", "RunningStats", "batchnorm_eval"]
-
-# The built-in rules, registered when their modules are imported (here, before any trace).
-BUILTIN_RULES = (*VIEW_RULES, *WINDOW_RULES)
 
 
 aten = torch.ops.aten
@@ -108,7 +105,7 @@ class RunningStats(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-# While autograd runs a streamed backward, the model's BatchNorm layers are switched to
+# While a streamed backward runs, the model's BatchNorm layers are switched to
 # running statistics (see batchnorm_eval); such backwards over one model take turns.
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_LOCK = threading.Lock()
@@ -130,9 +127,8 @@ def batchnorm_eval(model: nn.Module) -> Iterator[None]:
 
     Only for what :class:`RunningStats` cannot reach: activation checkpointing recomputes its
     blocks inside the autograd engine, possibly on another thread, where no function mode is
-    active but the modules' flags are seen. The streamed backward holds this around its
-    ``torch.autograd.grad`` calls; forwards, recomputes and traces use the mode and change
-    nothing."""
+    active but the modules' flags are seen. The streamed backward holds this for its duration;
+    forwards and traces use the mode only and change nothing."""
     with model_lock(model):
         flipped = [m for m in model.modules() if isinstance(m, BatchNormBase) and m.training]
         for m in flipped:
@@ -494,7 +490,7 @@ def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[No
     handles = []
     owner = threading.get_ident()
 
-    def hooks(name: str, module: nn.Module):
+    def hooks(name: str):
         def pre(module, args):
             if threading.get_ident() == owner:
                 stack.append((name, type(module).__name__))
@@ -508,7 +504,7 @@ def _module_paths(model: nn.Module, stack: list[tuple[str, str]]) -> Iterator[No
     mine: list[int] = []
     try:
         for name, module in model.named_modules():
-            pre, post = hooks(name, module)
+            pre, post = hooks(name)
             mine += [id(pre), id(post)]
             TRACE_HOOKS.update(mine[-2:])
             handles.append(module.register_forward_pre_hook(pre))
