@@ -300,3 +300,58 @@ def test_split_refuses_a_timm_model_whose_head_reuses_a_trunk_child() -> None:
         tilefn.InputTypeError, match=r"forward_features and forward_head both run 'conv'"
     ):
         tilefn.split(Shared().eval())
+
+
+class Unfolded(nn.Module):
+    """``F.unfold`` viewed back as a map (the columns of each block as channels) to compute
+    per-block weights, then the weighted columns ``F.fold``-ed back onto the map (as
+    involution or CARAFE do)."""
+
+    def __init__(self, kernel: int, stride: int, dilation: int, padding: int) -> None:
+        super().__init__()
+        self.args = {"kernel_size": kernel, "stride": stride}
+        self.args.update(dilation=dilation, padding=padding)
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(3 * kernel * kernel, kernel * kernel, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.a(x)
+        cols = F.unfold(y, **self.args)
+        k, s, d, p = (self.args[n] for n in ("kernel_size", "stride", "dilation", "padding"))
+        blocks = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n in y.shape[-2:]]
+        n, ck, length = cols.shape
+        w = self.b(cols.view(n, ck, *blocks))
+        weighted = cols.view(n, 3, k * k, length) * torch.sigmoid(w).view(n, 1, k * k, length)
+        return F.fold(weighted.view(n, ck, length), y.shape[-2:], **self.args), w
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,dilation,padding", [(3, 1, 1, 1), (3, 2, 1, 1), (2, 2, 1, 0), (3, 1, 2, 2)]
+)
+@pytest.mark.parametrize("size", [(48, 40), (51, 45)])
+def test_unfold_and_fold_stream_exactly(
+    kernel: int, stride: int, dilation: int, padding: int, size: tuple
+) -> None:
+    torch.manual_seed(0)
+    net = Unfolded(kernel, stride, dilation, padding).to(DTYPE)
+    tilefn.testing.assert_streams_like(net, image(2, 2, *size), 24)
+
+
+def test_fold_of_transposed_blocks_streams_and_space_in_channels_is_refused() -> None:
+    class Transposed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            cols = F.unfold(x, 3, padding=1)
+            h, w = x.shape[-2:]
+            swapped = cols.view(1, -1, h, w).transpose(2, 3).reshape(1, cols.shape[1], -1)
+            return F.fold(swapped, (w, h), 3, padding=1)
+
+    tilefn.testing.assert_streams_like(Transposed(), image(1, 2, 48, 40), 24)
+
+    class RowsAsChannels(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n, c, h, w = x.shape
+            rows = x.permute(0, 2, 1, 3).reshape(n, h * c, w)
+            return F.fold(rows, (1, w + 2), (1, 3))
+
+    with pytest.raises(tilefn.UnsupportedLayerError, match="channel dim holds a spatial dim"):
+        tilefn.plan(RowsAsChannels(), (1, 1, 48, 40), 24)

@@ -136,6 +136,10 @@ class OpGeometry:
 
     out_layouts: list[Layout | None]
     in_maps: dict[int, tuple[DimMap, ...]] = field(default_factory=dict)
+    # Spatial sizes of each output (one per spatial dim of the image), for an op whose
+    # output merges spatial dims into one tensor dim *and* changes their sizes (im2col);
+    # None: read from the output's shape, or inherited from the first spatial input.
+    out_sizes: list[tuple[int, ...] | None] | None = None
 
 
 Rule = Callable[[OpCall], OpGeometry]

@@ -53,7 +53,7 @@ _SIZE_ARGUMENT_OPS = frozenset(
     new_empty_strided slice narrow select split split_with_sizes unbind chunk
     upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
     _upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d
-    upsample_trilinear3d upsample_bicubic2d""".split()
+    upsample_trilinear3d upsample_bicubic2d col2im""".split()
 )
 
 
@@ -387,7 +387,8 @@ class _Recorder(TorchDispatchMode):
             inputs.append((node, maps))
         first_sizes = self.nodes[inputs[0][0]].sizes
         outputs = []
-        for o, layout in zip(out_tensors, geom.out_layouts):
+        given = geom.out_sizes or [None] * len(out_tensors)
+        for o, layout, out_sizes in zip(out_tensors, geom.out_layouts, given):
             if layout is None:
                 self.node_of.pop(id(o), None)
                 self.keep.append(o)
@@ -399,7 +400,7 @@ class _Recorder(TorchDispatchMode):
                     "move global operations into the head",
                 )
             assert scales is not None
-            sizes = _spatial_sizes(layout, o.shape, first_sizes)
+            sizes = _spatial_sizes(layout, o.shape, out_sizes or first_sizes)
             outputs.append(self.add_node(o, layout, Node(sizes, scales)))
         self.ops.append(Op(str(func), self.where(), tuple(inputs), tuple(outputs)))
 

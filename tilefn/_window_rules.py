@@ -1,6 +1,6 @@
 """Built-in geometry rules for ops that read a window of positions along each spatial dim:
 convolution (also transposed), pooling, padding (constant, reflect, replicate),
-interpolation by integer factors, pixel (un)shuffle; and the refusal of adaptive (global)
+interpolation by integer factors, pixel (un)shuffle, ``F.unfold``/``F.fold``; and the refusal of adaptive (global)
 pooling."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ._rules import (
     Refuse,
     RuleTable,
     TensorArg,
+    atom_size,
     has_spatial,
     ns,
     refuse_with,
@@ -231,6 +232,83 @@ def _pixel_shuffle(call: OpCall, shuffle: bool) -> OpGeometry:
     return _window_maps(call, t, len(t.shape) - 2, "pixel shuffle", make)
 
 
+def _block_counts(call: OpCall, sizes: Sequence[int]) -> tuple[list[int], ...]:
+    """``F.unfold``/``F.fold`` arguments per dim, and the number of blocks along each of
+    the two dims for the given image-side sizes."""
+    kernel, dilation, padding, stride = (
+        _per_dim(call.args[name], 2, 1) for name in ("kernel_size", "dilation", "padding", "stride")
+    )
+    counts = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, d, p, s in zip(sizes, kernel, dilation, padding, stride)
+    ]
+    return kernel, dilation, padding, stride, counts
+
+
+def _im2col(call: OpCall) -> OpGeometry:
+    """``F.unfold``: column ``(c, i, j)`` of block ``(oh, ow)`` reads one position of a
+    kernel window, so each spatial dim is a :class:`Window`. The block dim ``L`` merges the
+    output positions row-major: its atoms are the two windowed dims in order, with the
+    spatial sizes of the output (the number of blocks), not of the input."""
+    t = call.args["self"]
+    first = len(t.shape) - 2
+    ks = _spatial_window_dims(t, first, "unfold (im2col)")
+    kernel, dilation, padding, stride, counts = _block_counts(call, t.shape[first:])
+    maps: list[DimMap] = [Identity()] * call.ndim
+    sizes = list(t.sizes)
+    blocks: list[int] = []
+    for j, k in enumerate(ks):
+        if k is None:
+            blocks.append(ns(counts[j]))
+            continue
+        maps[k] = Window(kernel[j], stride[j], padding[j], dilation[j])
+        sizes[k] = counts[j]
+        blocks.append(k)
+    out = call.out_shapes[0]
+    layout = tuple((ns(n),) for n in out[:-1]) + (tuple(b for b in blocks if b != ns(1)),)
+    return OpGeometry([layout], {t.index: tuple(maps)}, [tuple(sizes)])
+
+
+def _col2im(call: OpCall) -> OpGeometry:
+    """``F.fold``: block ``(oh, ow)`` adds its columns into the window it covers, as a
+    transposed convolution writes its kernel (:class:`TransposedWindow`). The block dim
+    must hold the blocks row-major, as ``F.unfold`` (or a view of a map) makes it."""
+    t = call.args["self"]
+    for dim in t.layout[:-1]:
+        if has_spatial(dim):
+            raise Refuse("folds (col2im) a tensor whose channel dim holds a spatial dim")
+    out_size = list(call.args["output_size"])
+    kernel, dilation, padding, stride, counts = _block_counts(call, out_size)
+    atoms = [a for a in t.layout[-1] if a != ns(1)]
+    maps: list[DimMap] = [Identity()] * call.ndim
+    out_dims: list[tuple[int, ...]] = []
+    for j, count in enumerate(counts):
+        a = atoms[0] if atoms else None
+        if a is not None and atom_size(a, t.sizes) == count:
+            atoms.pop(0)
+        elif count == 1:  # a size-1 factor, dropped from the layout
+            a = None
+        else:
+            raise Refuse(
+                "folds (col2im) a tensor whose block dim does not hold the blocks of its "
+                "output row-major (as F.unfold makes it)",
+                "reshape to (N, C * kernel, H_blocks * W_blocks) before F.fold",
+            )
+        if a is None or a < 0:
+            out_dims.append((ns(out_size[j]),))
+            continue
+        length = (count - 1) * stride[j] - 2 * padding[j] + dilation[j] * (kernel[j] - 1) + 1
+        maps[a] = TransposedWindow(
+            kernel[j], stride[j], padding[j], dilation[j], out_size[j] - length
+        )
+        out_dims.append((a,))
+    if atoms:  # pragma: no cover - the block count is checked by the kernel itself
+        raise Refuse("folds (col2im) a tensor whose block dim holds more than the blocks")
+    out = call.out_shapes[0]
+    layout = tuple((ns(n),) for n in out[:-2]) + tuple(out_dims)
+    return OpGeometry([layout], {t.index: tuple(maps)})
+
+
 _GLOBAL_POOL = refuse_with(
     "pools to a fixed output size (adaptive pooling), so each output reads a region that "
     "grows with the image: global pooling",
@@ -245,6 +323,8 @@ WINDOW_RULES: RuleTable = (
     (functools.partial(_pool, n=2), "max_pool2d_with_indices avg_pool2d max_pool2d"),
     (functools.partial(_pool, n=3), "max_pool3d_with_indices avg_pool3d max_pool3d"),
     (_constant_pad, "constant_pad_nd"),
+    (_im2col, "im2col"),
+    (_col2im, "col2im"),
     (functools.partial(_pixel_shuffle, shuffle=True), "pixel_shuffle"),
     (functools.partial(_pixel_shuffle, shuffle=False), "pixel_unshuffle"),
     (_reflect_pad, "reflection_pad1d reflection_pad2d reflection_pad3d"),
