@@ -23,6 +23,7 @@ ORDER = [
     "_planner",
     "_schedule",
     "_inputs",
+    "_constant",
     "_execute",
     "_autograd",
     "_api",

@@ -16,6 +16,7 @@ from torch.nn.parameter import is_lazy
 
 from ._autograd import StreamedCall, StreamedFunction
 from ._compat import share_registries, tree_flatten, tree_unflatten
+from ._constant import PassStats
 from ._errors import InputError, InputTypeError, UnsupportedLayerError
 from ._execute import Executor, RngState, model_state
 from ._inputs import CropReader, ImageSource, as_source, check_shape, model_dtype
@@ -106,6 +107,13 @@ class StreamedBackbone(nn.Module):
     def model(self) -> nn.Module:
         """The wrapped model (the same object that was passed to :func:`streamify`)."""
         return self._model
+
+    @property
+    def last_stats(self) -> dict[str, PassStats]:
+        """What the last streamed ``"forward"`` and ``"backward"`` passes computed: crops
+        visited, constant crops (one value per sample and channel) and the classes of equal
+        ones, crops computed and skipped (see the option ``skip_constant``)."""
+        return dict(self._executor.last_stats)
 
     def train(self, mode: bool = True) -> StreamedBackbone:
         super().train(mode)
@@ -271,6 +279,8 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
             - ``crop_batch`` (int): up to this many same-shaped crops per model call.
             - ``process_group``: tile parallelism for one image over a
               ``torch.distributed`` group.
+            - ``skip_constant`` (bool, default True): exact background skipping; equal
+              constant crops are computed once (``backbone.last_stats`` reports it).
 
     Returns:
         ``Streamed(backbone, vjp)``. ``backbone(x)`` returns ``model(x)``'s structure and,

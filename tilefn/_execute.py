@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._compat import tree_flatten
+from ._constant import Look, OutputCache, PassStats, class_cotangents, class_key, constant_values
 from ._errors import PlanError
 from ._inputs import CropReader, ImageSource, scatter_add
 from ._options import StreamOptions
@@ -151,6 +152,8 @@ class Executor:
     def __init__(self, model: nn.Module, options: StreamOptions):
         self.model = model
         self.options = options
+        #: The :class:`PassStats` of the last ``"forward"`` and ``"backward"`` pass.
+        self.last_stats: dict[str, PassStats] = {}
 
     def my_crops(self, plan: TilePlan) -> list[int]:
         """The crops this process runs: all, or with a process group this rank's share."""
@@ -189,9 +192,20 @@ class Executor:
         parameters and buffers ``state`` if given (else the model's own); per crop, its
         output leaves and its input leaf (or None)."""
         reads = [reader(source, plan.crops[i].box, want_input) for i in group]
+        return self._call(plan, [r[0] for r in reads], rng, state), [r[1] for r in reads]
+
+    def _call(
+        self,
+        plan: TilePlan,
+        inputs: list[torch.Tensor],
+        rng: RngState | None,
+        state: Mapping[str, torch.Tensor] | None,
+    ) -> list[list[torch.Tensor]]:
+        """One model call on ``inputs`` (same-shaped crops) stacked along the batch dim; the
+        output leaves of each crop."""
         if rng is not None:
             rng.restore()
-        batch = reads[0][0] if len(group) == 1 else torch.cat([r[0] for r in reads])
+        batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         if state is None:
             out = self.model(batch)
         else:
@@ -201,19 +215,67 @@ class Executor:
         leaves = tree_flatten(out)[0]
         if len(leaves) != len(plan.output_shapes):  # pragma: no cover - checked by trace
             raise PlanError("streamify: the model returned a different number of outputs")
-        if len(group) == 1:
-            return [leaves], [reads[0][1]]
-        n = reads[0][0].shape[0]
+        if len(inputs) == 1:
+            return [leaves]
+        n = inputs[0].shape[0]
         for leaf in leaves:
-            if leaf.dim() == 0 or leaf.shape[0] != n * len(group):
+            if leaf.dim() == 0 or leaf.shape[0] != n * len(inputs):
                 raise PlanError(
                     f"streamify: with crop_batch={self.options.crop_batch} the model got "
-                    f"{len(group)} crops stacked along dim 0 (batch {n * len(group)}), but an "
+                    f"{len(inputs)} crops stacked along dim 0 (batch {n * len(inputs)}), but an "
                     f"output has shape {tuple(leaf.shape)}: the model's outputs must keep the "
                     "batch dim first. Use crop_batch=1 for this model."
                 )
-        per_crop = [[leaf[j * n : (j + 1) * n] for leaf in leaves] for j in range(len(group))]
-        return per_crop, [r[1] for r in reads]
+        return [[leaf[j * n : (j + 1) * n] for leaf in leaves] for j in range(len(inputs))]
+
+    def _look(self, source: ImageSource, reader: CropReader, plan: TilePlan, i: int) -> Look:
+        """Crop ``i`` before computing: its class if it is constant (known to the source, or
+        checked on the crop as read), and its model input."""
+        box = plan.crops[i].box
+        shape = (*source.shape[:2], *(b - a for a, b in box))
+        values = source.constant(box)
+        if values is not None:
+            pixel = values.reshape(*values.shape, *([1] * len(box)))
+            model_values = reader.prepare(pixel, source.dtype)[0].reshape(values.shape)
+            key = class_key(shape, model_values, reader.dtype, reader.channels_last)
+
+            def make() -> torch.Tensor:
+                full = pixel.expand(shape).contiguous()
+                return reader.prepare(full, source.dtype)[0]
+
+            return Look(i, key, _make=make)
+        x, _ = reader(source, box)
+        found = constant_values(x)
+        key = None if found is None else class_key(shape, found, x.dtype, reader.channels_last)
+        return Look(i, key, _input=x)
+
+    def _skipping_group(self, source, reader, plan, group, rng, state, cache, stats):
+        """The outputs of each crop of ``group``, computing one crop per class of constant
+        crops not in ``cache`` and copying the rest from it."""
+        looks = [self._look(source, reader, plan, i) for i in group]
+        run: list[Look] = []
+        pending: set = set()
+        for look in looks:
+            stats.add(look.key)
+            if look.key is None or (cache.get(look.key) is None and look.key not in pending):
+                run.append(look)
+                if look.key is not None:
+                    pending.add(look.key)
+        computed = self._call(plan, [look.input() for look in run], rng, state) if run else []
+        stats.computed += len(run)
+        by_index, by_key = {}, {}
+        for look, leaves in zip(run, computed):
+            cache.put(look.key, leaves)
+            by_index[look.index] = leaves
+            if look.key is not None:
+                by_key[look.key] = leaves
+        out = []
+        for look in looks:
+            leaves = by_index.get(look.index)
+            if leaves is None:
+                leaves = by_key.get(look.key)
+            out.append(leaves if leaves is not None else cache.get(look.key))
+        return out
 
     def forward(
         self,
@@ -238,13 +300,23 @@ class Executor:
         distributed = self.options.process_group is not None
         new = torch.Tensor.new_zeros if distributed else torch.Tensor.new_empty
         groups = crop_groups(plan, mine, kept_ids, self.options.crop_batch)
+        cache = OutputCache() if self.options.skip_constant else None
+        stats = PassStats("forward")
         with self._context(rng):
             for group in self._progress(groups, "forward"):
                 grad = group[0] in kept_ids
                 with torch.set_grad_enabled(grad):
-                    per_crop, inputs = self._run_group(
-                        source, reader, plan, group, rng, want_input and grad, state
-                    )
+                    if cache is not None and not grad:
+                        per_crop = self._skipping_group(
+                            source, reader, plan, group, rng, state, cache, stats
+                        )
+                        inputs = [None] * len(group)
+                    else:
+                        per_crop, inputs = self._run_group(
+                            source, reader, plan, group, rng, want_input and grad, state
+                        )
+                        stats.crops += len(group)
+                        stats.computed += len(group)
                 for i, leaves, leaf in zip(group, per_crop, inputs):
                     for o, out in enumerate(leaves):
                         if outs[o] is None:
@@ -257,6 +329,7 @@ class Executor:
                     if grad:
                         kept[i] = Kept(leaves, leaf)
                 del per_crop, inputs
+        self._report(stats)
         if distributed:
             import torch.distributed as dist
 
@@ -323,46 +396,88 @@ class Executor:
         order = [i for i in backward_order(list(owned_by), kept) if owned_by[i]]
         usable = {i for i, k in kept.items() if k.leaf is not None or not want_input}
         groups = crop_groups(plan, order, usable, self.options.crop_batch)
+        # Constant crops share one backward per class, except when the input gradient is
+        # wanted (each crop's differs).
+        skipping = self.options.skip_constant and not want_input
+        classes: dict = {}  # class -> (the representative's Look, its member crops)
+        stats = PassStats("backward")
+        amp = autocast.apply if autocast is not None else contextlib.nullcontext
+
+        def backprop(ids: list[int], per_crop: list, leafs: list) -> None:
+            """Backpropagate each crop's owned blocks with their cotangents; add the
+            parameter gradients and scatter the input gradients."""
+            pieces, cots = [], []
+            for i, leaves in zip(ids, per_crop):
+                for o, (dst, src) in owned_by[i]:
+                    piece = leaves[o][src]
+                    if piece.grad_fn is not None:
+                        pieces.append(piece)
+                        cots.append(cotangents[o][dst].to(device=piece.device, dtype=piece.dtype))
+            if not pieces:
+                return
+            inputs = list(params) + [leaf for leaf in leafs if leaf is not None]
+            got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
+            _add(grads, got[: len(params)])
+            input_grads = iter(got[len(params) :])
+            for i, leaf in zip(ids, leafs):
+                g = next(input_grads) if leaf is not None else None
+                if g is not None:
+                    scatter_add(input_grad, plan.crops[i].box, g)  # type: ignore[arg-type]
+
         # batchnorm_eval: checkpointed blocks recompute inside autograd.grad, out of the mode.
         with self._context(rng), batchnorm_eval(self.model):
             for group in self._progress(groups, "backward"):
-                with (
-                    torch.enable_grad(),
-                    autocast.apply() if autocast is not None else contextlib.nullcontext(),
-                ):
+                with torch.enable_grad(), amp():
                     if group[0] in usable:
                         stored = kept.pop(group[0])
-                        per_crop, leafs = [stored.outputs], [stored.leaf]
+                        ids, per_crop, leafs = group, [stored.outputs], [stored.leaf]
                         del stored
+                        stats.crops += 1
+                    elif skipping:
+                        rest = []
+                        for look in (self._look(source, reader, plan, i) for i in group):
+                            stats.add(look.key)
+                            if look.key is None:
+                                rest.append(look)
+                            else:
+                                classes.setdefault(look.key, (look, []))[1].append(look.index)
+                        ids, leafs = [look.index for look in rest], [None] * len(rest)
+                        inputs = [look.input() for look in rest]
+                        per_crop = self._call(plan, inputs, rng, state) if rest else []
+                        del rest, inputs
                     else:
+                        ids = group
                         per_crop, leafs = self._run_group(
                             source, reader, plan, group, rng, want_input, state
                         )
-                    pieces, cots = [], []
-                    for i, leaves in zip(group, per_crop):
-                        for o, (dst, src) in owned_by[i]:
-                            piece = leaves[o][src]
-                            if piece.grad_fn is None:
-                                continue
-                            pieces.append(piece)
-                            cots.append(
-                                cotangents[o][dst].to(device=piece.device, dtype=piece.dtype)
-                            )
-                del per_crop
-                if not pieces:
-                    continue
-                inputs = list(params) + [leaf for leaf in leafs if leaf is not None]
-                got = torch.autograd.grad(pieces, inputs, cots, allow_unused=True)
-                for k, g in enumerate(got[: len(params)]):
-                    if g is not None:
-                        grads[k] = g if grads[k] is None else grads[k].add_(g)
-                input_grads = iter(got[len(params) :])
-                for i, leaf in zip(group, leafs):
-                    g = next(input_grads) if leaf is not None else None
-                    if g is not None:
-                        scatter_add(input_grad, plan.crops[i].box, g)  # type: ignore[arg-type]
-                del pieces, got, leafs
+                        stats.crops += len(group)
+                    stats.computed += len(ids)
+                    backprop(ids, per_crop, leafs)
+                del per_crop, leafs
+            # One backward per class: the representative with its members' owned cotangent
+            # blocks added at their places in its output (exact by linearity).
+            for look, members in classes.values():
+                with torch.enable_grad(), amp():
+                    leaves = self._call(plan, [look.input()], rng, state)[0]
+                stats.computed += 1
+                blocks = [[(o, dst, src) for o, (dst, src) in owned_by[i]] for i in members]
+                summed = class_cotangents(leaves, blocks, cotangents)
+                pairs = [
+                    (leaves[o], c)
+                    for o, c in enumerate(summed)
+                    if c is not None and leaves[o].grad_fn is not None
+                ]
+                if pairs:
+                    outs, cots = zip(*pairs)
+                    _add(grads, torch.autograd.grad(outs, list(params), cots, allow_unused=True))
+                del leaves, summed, pairs
+        self._report(stats)
         return grads, input_grad
+
+    def _report(self, stats: PassStats) -> None:
+        self.last_stats[stats.kind] = stats
+        if self.options.verbose and stats.constant:
+            print(stats)
 
     def _all_reduce(self, grads, params, input_grad):
         """Sum the gradients of every rank's crops (one collective per dtype)."""
@@ -384,6 +499,13 @@ class Executor:
         if input_grad is not None:
             dist.all_reduce(input_grad, group=group)
         return full, input_grad
+
+
+def _add(grads: list, got: Sequence[torch.Tensor | None]) -> None:
+    """``grads[k] += got[k]`` where ``got[k]`` is not None (None: no gradient yet)."""
+    for k, g in enumerate(got):
+        if g is not None:
+            grads[k] = g if grads[k] is None else grads[k].add_(g)
 
 
 @contextlib.contextmanager

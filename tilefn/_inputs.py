@@ -73,6 +73,13 @@ class ImageSource:
         """The crop ``box``, which lies inside the image."""
         raise NotImplementedError
 
+    def constant(self, box: Box) -> torch.Tensor | None:
+        """``(N, C)`` values if the source knows, without reading it, that the crop ``box``
+        holds one value per sample and channel (a tissue mask says it is all background);
+        None when it does not know. Crops are checked after reading either way, so a source
+        need not implement this; one that does saves reading its background."""
+        return None
+
 
 class TensorImage(ImageSource):
     """A ``torch.Tensor`` image; crops inside the image are views of it."""
@@ -281,7 +288,13 @@ class CropReader:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model input for one crop, and (``requires_grad``) the leaf whose gradient is
         the crop's input gradient."""
-        raw = source.read(box).to(self.device, non_blocking=True)
+        return self.prepare(source.read(box), source.dtype, requires_grad)
+
+    def prepare(
+        self, raw: torch.Tensor, source_dtype: torch.dtype, requires_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`__call__` for a crop already read (``raw``, in the source's dtype)."""
+        raw = raw.to(self.device, non_blocking=True)
         leaf = None
         if requires_grad:
             leaf = raw = raw.detach().to(self.dtype).requires_grad_(True)
@@ -291,7 +304,7 @@ class CropReader:
         mean = torch.as_tensor(self.normalize[0], dtype=self.dtype, device=raw.device)
         std = torch.as_tensor(self.normalize[1], dtype=self.dtype, device=raw.device)
         mean, std = mean.reshape(shape), std.reshape(shape)
-        from_uint8 = not source.dtype.is_floating_point
+        from_uint8 = not source_dtype.is_floating_point
         if leaf is None:  # a private float copy, normalised in place: one crop-sized buffer
             crop = raw.to(self.dtype, copy=True)
             if from_uint8:

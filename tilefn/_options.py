@@ -52,6 +52,13 @@ class StreamOptions:
             gradients are summed across the ranks, so every rank ends with the same
             output and the full gradients. Every rank must call with the same image and
             parameters (and RNG state, if the model draws random numbers).
+        skip_constant: Exact background skipping (default on). Crops whose model input is
+            one value per sample and channel (masked background) and equal to another's
+            are computed once: the forward copies the representative's output, and the
+            backward runs it once with the sum of its members' owned cotangents, which is
+            exact by linearity. The check costs one comparison pass over each crop. Passes
+            that return the input gradient compute every crop in the backward (each crop's
+            input gradient differs). ``backbone.last_stats`` says what was skipped.
 
     Example:
         >>> import tilefn
@@ -72,6 +79,7 @@ class StreamOptions:
     channels_last: bool = False
     crop_batch: int = 1
     process_group: Any = None
+    skip_constant: bool = True
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -89,7 +97,7 @@ class StreamOptions:
         return cls(**options)
 
     def __post_init__(self) -> None:
-        for name in ("saliency", "verbose", "deterministic", "channels_last"):
+        for name in ("saliency", "verbose", "deterministic", "channels_last", "skip_constant"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise OptionError(f"streamify: option {name} must be True or False, got {value!r}.")
