@@ -31,6 +31,7 @@ ORDER = [
     "_split",
     "testing",
     "_training",
+    "slides",
     "__init__",
     "lightning",
 ]
