@@ -195,3 +195,51 @@ def test_tissue_mask_uses_a_coarser_pyramid_level_of_a_slide(pyramid) -> None:
     direct = tilefn.slides.tissue_mask(levels[0], factor=8)
     assert mask.mask.shape == direct.mask.shape == (50, 42)
     assert (mask.mask != direct.mask).mean() < 0.05
+
+
+class ThreadRecording(tilefn.ImageSource):
+    """An array image that records which thread reads each crop, and can fail on one."""
+
+    def __init__(self, rgb: np.ndarray, fail_at: int | None = None):
+        self.inner = tilefn.ArrayImage(rgb, "h w c")
+        self.shape, self.dtype, self.device = self.inner.shape, self.inner.dtype, self.inner.device
+        self.threads: list[str] = []
+        self.fail_at = fail_at
+
+    def _read(self, box):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if self.fail_at is not None and len(self.threads) > self.fail_at:
+            raise OSError("corrupt tile")
+        return self.inner.read(box)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_prefetch_reads_ahead_in_a_background_thread(prefetch: int) -> None:
+    rgb = make_slide(240, 200)
+    image = ThreadRecording(rgb)
+    check_against_plain_with(image, rgb, prefetch=prefetch)
+    background = [t for t in image.threads if t.startswith("tilefn-read")]
+    assert image.threads
+    # Every crop is asked for in the planned order, so every read happens ahead.
+    assert len(background) == (len(image.threads) if prefetch else 0)
+
+
+def check_against_plain_with(image, rgb, **options) -> dict:
+    net = trunk()
+    backbone, streamed_vjp = tilefn.streamify(net, 48, normalize=(MEAN, STD), **options)
+    out = backbone(image)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    ref_out, ref_grads, _ = reference_grads(net, as_input(rgb), cot)
+    assert_tree_close(out, ref_out, **TOL)
+    grads, _ = streamed_vjp(image, cot)
+    assert_tree_close(grads, ref_grads, **TOL)
+    return backbone.last_stats
+
+
+def test_a_failed_read_ahead_raises_in_the_caller() -> None:
+    image = ThreadRecording(make_slide(240, 200), fail_at=3)
+    backbone, _ = tilefn.streamify(trunk(), 48, normalize=(MEAN, STD))
+    with pytest.raises(OSError, match="corrupt tile"):
+        backbone(image)

@@ -281,6 +281,8 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
               ``torch.distributed`` group.
             - ``skip_constant`` (bool, default True): exact background skipping; equal
               constant crops are computed once (``backbone.last_stats`` reports it).
+            - ``prefetch`` (int, default 1): crops of lazy images read ahead in a
+              background thread.
 
     Returns:
         ``Streamed(backbone, vjp)``. ``backbone(x)`` returns ``model(x)``'s structure and,

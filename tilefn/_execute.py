@@ -30,7 +30,7 @@ from torch.func import functional_call
 from ._compat import tree_flatten
 from ._constant import Look, OutputCache, PassStats, class_cotangents, class_key, constant_values
 from ._errors import PlanError
-from ._inputs import CropReader, ImageSource, scatter_add
+from ._inputs import CropReader, ImageSource, Prefetched, scatter_add
 from ._options import StreamOptions
 from ._plan import TilePlan
 from ._schedule import backward_order, crop_groups, kept_crops, owned_slices, rank_share
@@ -302,7 +302,8 @@ class Executor:
         groups = crop_groups(plan, mine, kept_ids, self.options.crop_batch)
         cache = OutputCache() if self.options.skip_constant else None
         stats = PassStats("forward")
-        with self._context(rng):
+        boxes = [plan.crops[i].box for group in groups for i in group]
+        with self._reading(source, boxes) as source, self._context(rng):
             for group in self._progress(groups, "forward"):
                 grad = group[0] in kept_ids
                 with torch.set_grad_enabled(grad):
@@ -424,8 +425,13 @@ class Executor:
                 if g is not None:
                     scatter_add(input_grad, plan.crops[i].box, g)  # type: ignore[arg-type]
 
+        boxes = [plan.crops[i].box for g in groups if g[0] not in usable for i in g]
         # batchnorm_eval: checkpointed blocks recompute inside autograd.grad, out of the mode.
-        with self._context(rng), batchnorm_eval(self.model):
+        with (
+            self._reading(source, boxes) as source,
+            self._context(rng),
+            batchnorm_eval(self.model),
+        ):
             for group in self._progress(groups, "backward"):
                 with torch.enable_grad(), amp():
                     if group[0] in usable:
@@ -473,6 +479,12 @@ class Executor:
                 del leaves, summed, pairs
         self._report(stats)
         return grads, input_grad
+
+    def _reading(self, source: ImageSource, boxes: list) -> contextlib.AbstractContextManager:
+        """``source``, read ahead in a background thread if it is lazy (see ``prefetch``)."""
+        if self.options.prefetch and source.tensor is None and len(boxes) > 1:
+            return Prefetched(source, boxes, self.options.prefetch)
+        return contextlib.nullcontext(source)
 
     def _report(self, stats: PassStats) -> None:
         self.last_stats[stats.kind] = stats

@@ -14,7 +14,8 @@ the compute dtype, normalised, in the requested memory format.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "ImageSource",
     "TensorImage",
     "ArrayImage",
+    "Prefetched",
     "CropReader",
     "as_source",
     "check_shape",
@@ -183,6 +185,55 @@ class ArrayImage(ImageSource):
             f"ArrayImage({type(self.array).__name__}, layout={self.layout!r}, "
             f"shape={tuple(self.shape)}, dtype={self.dtype})"
         )
+
+
+class Prefetched(ImageSource):
+    """``source`` read ahead: while the model runs on one crop, a background thread reads and
+    decodes the next ``depth`` crops of ``boxes`` (in the order they will be asked for), so
+    that I/O and decompression overlap with compute. Boxes the source knows to be constant
+    are not read ahead. A box asked for out of order is read directly. Use as a context
+    manager (the thread stops at the end)."""
+
+    def __init__(self, source: ImageSource, boxes: Iterable[Box], depth: int):
+        self.source = source
+        self.shape, self.dtype, self.device = source.shape, source.dtype, source.device
+        self.tensor = source.tensor
+        self._pending = (b for b in boxes if source.constant(b) is None)
+        self._futures: dict[tuple, Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tilefn-read")
+        self.depth = depth
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._futures) < self.depth:
+            box = next(self._pending, None)
+            if box is None:
+                return
+            self._futures[_key(box)] = self._pool.submit(self.source.read, box)
+
+    def read(self, box: Box) -> torch.Tensor:
+        future = self._futures.pop(_key(box), None)
+        self._fill()
+        return future.result() if future is not None else self.source.read(box)
+
+    def constant(self, box: Box) -> torch.Tensor | None:
+        return self.source.constant(box)
+
+    def close(self) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        self._futures.clear()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Prefetched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _key(box: Box) -> tuple:
+    return tuple((int(a), int(b)) for a, b in box)
 
 
 def as_source(x: Any, *, uint8_ok: bool) -> ImageSource:

@@ -59,6 +59,10 @@ class StreamOptions:
             exact by linearity. The check costs one comparison pass over each crop. Passes
             that return the input gradient compute every crop in the backward (each crop's
             input gradient differs). ``backbone.last_stats`` says what was skipped.
+        prefetch: For lazy images (arrays, zarr, TIFF and slide readers), read and decode
+            this many crops ahead in a background thread while the model computes
+            (default 1); 0 reads each crop when it is needed. Tensors are never copied
+            ahead (their crops are views).
 
     Example:
         >>> import tilefn
@@ -80,6 +84,7 @@ class StreamOptions:
     crop_batch: int = 1
     process_group: Any = None
     skip_constant: bool = True
+    prefetch: int = 1
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -109,6 +114,9 @@ class StreamOptions:
         if not _is_int(crop_batch) or crop_batch < 1:
             raise OptionError(f"streamify: crop_batch must be an int >= 1, got {crop_batch!r}.")
         set_("crop_batch", int(crop_batch))
+        if not _is_int(self.prefetch) or self.prefetch < 0:
+            raise OptionError(f"streamify: prefetch must be an int >= 0, got {self.prefetch!r}.")
+        set_("prefetch", int(self.prefetch))
         _check_group(self.process_group)
 
 

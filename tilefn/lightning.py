@@ -91,8 +91,8 @@ class StreamedModule(pl.LightningModule):
         **stream_options: When ``trunk`` is a plain module, the options of
             :func:`tilefn.streamify`, each documented in full by :class:`tilefn.StreamOptions`:
             ``saliency``, ``verbose``, ``deterministic``, ``normalize``, ``device``,
-            ``memory_budget``, ``channels_last``, ``crop_batch``, ``process_group`` and
-            ``skip_constant``.
+            ``memory_budget``, ``channels_last``, ``crop_batch``, ``process_group``,
+            ``skip_constant`` and ``prefetch``.
 
     Batches are ``(image, target)`` pairs; override :meth:`unpack_batch` for other layouts.
     Subclasses that override :meth:`train`, :meth:`on_before_optimizer_step` or
