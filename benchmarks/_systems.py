@@ -199,6 +199,39 @@ def checksums(out, loss, params: list[tuple[str, Any]], head) -> dict[str, float
     return sums
 
 
+def slide_image(size: int, tissue: float, textured: bool, regions: int = 2):
+    """A ``(1, 3, size, size)`` slide: ``regions`` discs of random tissue covering the fraction
+    ``tissue`` of the area, on background that is one constant (1.0: masked glass) or, with
+    ``textured``, random like the tissue (nothing can be skipped)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(1, 3, size, size, generator=gen)
+    if textured:
+        return x
+    r = math.sqrt(tissue / regions / math.pi) * size
+    yy = torch.arange(size, dtype=torch.float32)[:, None]
+    xx = torch.arange(size, dtype=torch.float32)[None, :]
+    inside = torch.zeros(size, size, dtype=torch.bool)
+    centres = [(0.3, 0.3), (0.69, 0.69), (0.3, 0.72), (0.72, 0.3)][:regions]
+    for cy, cx in centres:
+        inside |= (yy - cy * size) ** 2 + (xx - cx * size) ** 2 < r * r
+    x[:, :, ~inside] = 1.0
+    return x
+
+
+def constant_crop_fraction(plan, x) -> float:
+    """The fraction of crop area (summed over the plan's crops) whose crops are constant."""
+    total = const = 0
+    for crop in plan.crops:
+        piece = x[(Ellipsis, *(slice(a, b) for a, b in crop.box))].flatten(2)
+        area = piece.shape[-1]
+        total += area
+        if bool((piece == piece[..., :1]).all()):
+            const += area
+    return const / total
+
+
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this process and return its result record."""
     import torch
@@ -228,7 +261,13 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             )
             return rec
 
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
+    paired = None
+    if case.get("slide"):
+        x = slide_image(size, **case["slide"])
+        if case.get("paired"):  # the same slide with textured background, timed alternately
+            paired = slide_image(size, **{**case["slide"], "textured": True})
+    else:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
     target = torch.tensor([LABEL])
     with torch.no_grad():
         channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
@@ -269,7 +308,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if system != "plain" and not system.startswith("tilefn"):
         rec["a"] = tilefn.plan(trunk, shape, tile_size=tile).overlap  # tilefn's a, for reference
 
-    def step():
+    def step(x=x):
         for _, q in params:
             q.grad = None
         for q in head.parameters():
@@ -295,12 +334,31 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         step()
     rec["rss_before_step_bytes"] = current_rss()
     rec["peak_before_step"] = peak_rss()
-    times = []
+    times, paired_times = [], []
     for _ in range(case["repeats"]):
+        if paired is not None:  # alternate, so that both see the same machine state
+            t0 = time.perf_counter()
+            step(paired)
+            paired_times.append(time.perf_counter() - t0)
+            paired_stats = dict(backbone.last_stats) if system.startswith("tilefn") else {}
         t0 = time.perf_counter()
         out, loss = step()
         times.append(time.perf_counter() - t0)
     rec["peak"] = peak_rss()  # before the checksums, which allocate a little
+    if paired is not None:
+        rec["paired_step_s"] = min(paired_times)
+        rec["paired_step_all_s"] = paired_times
+        rec["paired_stats"] = {
+            k: {"crops": v.crops, "constant": v.constant, "computed": v.computed}
+            for k, v in paired_stats.items()
+        }
+    if system.startswith("tilefn"):
+        rec["stats"] = {
+            k: {"crops": v.crops, "constant": v.constant, "computed": v.computed}
+            for k, v in backbone.last_stats.items()
+        }
+        if case.get("slide"):
+            rec["constant_fraction"] = constant_crop_fraction(p, x)
     rec["step_s"] = min(times)
     rec["step_all_s"] = times
     if loss is None:

@@ -6,6 +6,7 @@ where it cannot be loaded."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,85 @@ def test_a_failed_read_ahead_raises_in_the_caller() -> None:
     backbone, _ = tilefn.streamify(trunk(), 48, normalize=(MEAN, STD))
     with pytest.raises(OSError, match="corrupt tile"):
         backbone(image)
+
+
+class TiffSlides(torch.utils.data.Dataset):
+    """The documented recipe: each item opens its slide lazily (level 1 of a pyramidal TIFF),
+    masks its background and returns ``(MaskedImage, label)``; slides differ in size."""
+
+    def __init__(self, items: list[tuple[Path, int]], with_labels: bool = True):
+        self.items, self.with_labels = items, with_labels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        level = tilefn.slides.open_tiff(path, level=1)
+        image = tilefn.slides.MaskedImage(level, tilefn.slides.tissue_mask(level, factor=8))
+        return (image, label) if self.with_labels else image
+
+
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+@pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*")
+def test_lightning_fit_validate_predict_over_slides_of_different_sizes(tmp_path: Path) -> None:
+    L = pytest.importorskip("lightning")
+    pytest.importorskip("tifffile")
+    from torch.utils.data import DataLoader
+
+    from tilefn.lightning import StreamedModule
+
+    items = []
+    for i, (h, w) in enumerate([(400, 336), (336, 464), (464, 400)]):
+        path = tmp_path / f"slide{i}.tif"
+        write_pyramid(path, make_slide(h, w, seed=i), levels=2)
+        items.append((path, i % 2))
+    torch.manual_seed(3)
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2)).to(DTYPE)
+    net = trunk()
+
+    # The gradient of the first step, on the first slide, against the plain model.
+    first = TiffSlides(items)[0][0]
+    rgb = first.read([(0, first.shape[-2]), (0, first.shape[-1])])[0].permute(1, 2, 0).numpy()
+    ref_trunk, ref_head = copy.deepcopy(net), copy.deepcopy(head)
+    loss = nn.functional.cross_entropy(ref_head(ref_trunk(as_input(rgb))), torch.tensor([0]))
+    loss.backward()
+    want = {f"trunk.{n}": p.grad for n, p in ref_trunk.named_parameters()}
+    want.update({f"head.{n}": p.grad for n, p in ref_head.named_parameters()})
+
+    seen = []
+
+    class Recording(StreamedModule):
+        def on_before_optimizer_step(self, optimizer):
+            seen.append({n: p.grad.clone() for n, p in self.named_parameters()})
+
+    module = Recording(
+        net,
+        head,
+        nn.functional.cross_entropy,
+        tile_size=64,
+        normalize=(MEAN, STD),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.01),
+    )
+    loader = DataLoader(TiffSlides(items), batch_size=1, collate_fn=tilefn.collate)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader, loader)
+    assert len(seen) == 3
+    assert set(seen[0]) == set(want)
+    for name, g in want.items():
+        torch.testing.assert_close(seen[0][name], g, rtol=1e-9, atol=1e-12 * g.abs().max())
+    assert module.trunk.last_stats["backward"].skipped > 0
+    (metrics,) = trainer.validate(module, loader, verbose=False)
+    assert "val_loss" in metrics
+    predictions = trainer.predict(
+        module, DataLoader(TiffSlides(items, False), batch_size=1, collate_fn=tilefn.collate)
+    )
+    assert [tuple(p.shape) for p in predictions] == [(1, 2)] * 3
