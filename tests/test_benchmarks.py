@@ -131,3 +131,35 @@ def test_compare_help_and_exclusive_flags():
         assert text in proc.stdout, proc.stdout
     proc = run_script(SCRIPT, "--report", "--doc", "x.md", "--no-doc", timeout=60)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr, proc.stderr
+
+
+def test_background_benchmark_tiny(tmp_path: Path):
+    """benchmarks/background.py end to end: paired slides, skipping counted, table written."""
+    pytest.importorskip("matplotlib")
+    results, doc, plot = tmp_path / "bg.json", tmp_path / "bench.md", tmp_path / "bg.png"
+    doc.write_text("# Mine\n\n<!-- background:start -->\nold\n<!-- background:end -->\n")
+    script = ROOT / "benchmarks" / "background.py"
+    args = ["--size", "384", "--tile", "128", "--tissue", "0.3", "--modes", "train"]
+    args += ["--repeats", "1", "--threads", "1", "--results", str(results)]
+    args += ["--doc", str(doc), "--plot", str(plot)]
+    proc = run_script(script, *args, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    recs = {r["system"]: r for r in json.loads(results.read_text())["records"]}
+    assert {"tilefn", "tilefn-noskip", "plain"} <= set(recs)
+    assert all(r["status"] == "ok" and r["paired_step_s"] > 0 for r in recs.values())
+    skip, noskip = recs["tilefn"]["stats"]["backward"], recs["tilefn-noskip"]["stats"]["backward"]
+    assert skip["computed"] < skip["crops"] == noskip["computed"] == noskip["crops"]
+    assert 0 < recs["tilefn"]["constant_fraction"] < 1
+    text = doc.read_text()
+    assert "old" not in text and "| 30 % | train | tilefn |" in text and plot.exists()
+
+
+def test_prefetch_benchmark_tiny():
+    pytest.importorskip("tifffile")
+    script = ROOT / "benchmarks" / "prefetch.py"
+    proc = run_script(
+        script, "--size", "512", "--tile", "256", "--repeats", "1", "--threads", "1",
+        timeout=300, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "| forward |" in proc.stdout and "| train step |" in proc.stdout, proc.stdout

@@ -207,6 +207,7 @@ LIBRARY_NETWORKS = {
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`timm-` encoders are deprecated:DeprecationWarning")
 @pytest.mark.parametrize("name", list(LIBRARY_NETWORKS))
 def test_library_networks_stream_exactly(name: str) -> None:
     build, tile = LIBRARY_NETWORKS[name]

@@ -281,8 +281,8 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
               ``torch.distributed`` group.
             - ``skip_constant`` (bool, default True): exact background skipping; equal
               constant crops are computed once (``backbone.last_stats`` reports it).
-            - ``prefetch`` (int, default 1): crops of lazy images read ahead in a
-              background thread.
+            - ``prefetch`` (int or None): crops of lazy images read ahead in a background
+              thread (default: one, when a core is free for it).
 
     Returns:
         ``Streamed(backbone, vjp)``. ``backbone(x)`` returns ``model(x)``'s structure and,

@@ -19,6 +19,7 @@ ranks, so every rank ends with the same output map and the full gradients.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -303,7 +304,7 @@ class Executor:
         cache = OutputCache() if self.options.skip_constant else None
         stats = PassStats("forward")
         boxes = [plan.crops[i].box for group in groups for i in group]
-        with self._reading(source, boxes) as source, self._context(rng):
+        with self._reading(source, reader, boxes) as source, self._context(rng):
             for group in self._progress(groups, "forward"):
                 grad = group[0] in kept_ids
                 with torch.set_grad_enabled(grad):
@@ -428,7 +429,7 @@ class Executor:
         boxes = [plan.crops[i].box for g in groups if g[0] not in usable for i in g]
         # batchnorm_eval: checkpointed blocks recompute inside autograd.grad, out of the mode.
         with (
-            self._reading(source, boxes) as source,
+            self._reading(source, reader, boxes) as source,
             self._context(rng),
             batchnorm_eval(self.model),
         ):
@@ -480,10 +481,16 @@ class Executor:
         self._report(stats)
         return grads, input_grad
 
-    def _reading(self, source: ImageSource, boxes: list) -> contextlib.AbstractContextManager:
+    def _reading(
+        self, source: ImageSource, reader: CropReader, boxes: list
+    ) -> contextlib.AbstractContextManager:
         """``source``, read ahead in a background thread if it is lazy (see ``prefetch``)."""
-        if self.options.prefetch and source.tensor is None and len(boxes) > 1:
-            return Prefetched(source, boxes, self.options.prefetch)
+        depth = self.options.prefetch
+        if depth is None:  # auto: only where a core is free for the reader
+            free = reader.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+            depth = 1 if free else 0
+        if depth and source.tensor is None and len(boxes) > 1:
+            return Prefetched(source, boxes, depth)
         return contextlib.nullcontext(source)
 
     def _report(self, stats: PassStats) -> None:

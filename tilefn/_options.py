@@ -60,9 +60,11 @@ class StreamOptions:
             that return the input gradient compute every crop in the backward (each crop's
             input gradient differs). ``backbone.last_stats`` says what was skipped.
         prefetch: For lazy images (arrays, zarr, TIFF and slide readers), read and decode
-            this many crops ahead in a background thread while the model computes
-            (default 1); 0 reads each crop when it is needed. Tensors are never copied
-            ahead (their crops are views).
+            this many crops ahead in a background thread while the model computes; 0 reads
+            each crop when it is needed. ``None`` (the default): one crop ahead when a core
+            is free for it (crops computed on a GPU, or torch using fewer CPU threads than
+            there are cores), else 0, since a reader competing with every compute thread
+            slows both. Tensors are never read ahead (their crops are views).
 
     Example:
         >>> import tilefn
@@ -84,7 +86,7 @@ class StreamOptions:
     crop_batch: int = 1
     process_group: Any = None
     skip_constant: bool = True
-    prefetch: int = 1
+    prefetch: int | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -114,9 +116,12 @@ class StreamOptions:
         if not _is_int(crop_batch) or crop_batch < 1:
             raise OptionError(f"streamify: crop_batch must be an int >= 1, got {crop_batch!r}.")
         set_("crop_batch", int(crop_batch))
-        if not _is_int(self.prefetch) or self.prefetch < 0:
-            raise OptionError(f"streamify: prefetch must be an int >= 0, got {self.prefetch!r}.")
-        set_("prefetch", int(self.prefetch))
+        if self.prefetch is not None:
+            if not _is_int(self.prefetch) or self.prefetch < 0:
+                raise OptionError(
+                    f"streamify: prefetch must be None or an int >= 0, got {self.prefetch!r}."
+                )
+            set_("prefetch", int(self.prefetch))
         _check_group(self.process_group)
 
 
