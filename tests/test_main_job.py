@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from _scripts import run_script
 
 import tilefn
+import tilefn.slides
 import tilefn.testing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,8 @@ def test_classes_vanish_when_downsampled_16x(seed):
     # ... which shows at full resolution: cells are 45-75 grey levels above the background ...
     diff = np.abs(pos.astype(int) - neg.astype(int))
     assert diff.max() >= 40 and (diff >= 30).sum() >= 8 * changed.sum()
-    assert shape_score(neg) <= 2 and shape_score(pos) >= 50
+    # (most of the changed cells, now pluses, are seen by a plus-shaped matched filter)
+    assert shape_score(neg) <= 2 and shape_score(pos) >= max(20, changed.sum() // 2)
     # ... and vanishes at 1/16 (4096 px -> 256 px): every 16 x 16 block has the same mean
     # within 2 grey levels, while the blocks themselves vary by tens of grey levels.
     small_neg = train_slides.downsample(neg, 16)
@@ -208,10 +210,16 @@ def test_dataset_reads_uint8_lazily(tmp_path):
     assert [label for _, label in splits["train"]] == [0, 1]
     ds = train_slides.SlideDataset(splits["train"], augment=True)
     x, label = ds[1]
-    assert x.dtype == torch.uint8 and x.shape == (1, 128, 128) and label == 1
+    # A lazy, masked image: read crop by crop, glass set to 255 outside the tissue mask.
+    assert isinstance(x, tilefn.slides.MaskedImage) and label == 1
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (1, 1, 128, 128)
     image, _ = train_slides.make_slide(128, 1, train_slides.slide_seed(0, "train", 1))
     plain, _ = train_slides.SlideDataset(splits["train"])[1]
-    np.testing.assert_array_equal(plain[0].numpy(), image)
+    read = plain.read([(0, 128), (0, 128)])[0, 0].numpy()
+    tissue = np.repeat(np.repeat(plain.mask.mask, 32, 0), 32, 1)[:128, :128]
+    assert 0 < tissue.mean() < 1
+    np.testing.assert_array_equal(read[tissue], image[tissue])
+    assert (read[~tissue] == 255).all()
     small, _ = train_slides.SlideDataset(splits["train"], downsample=16)[0]
     assert small.shape == (1, 8, 8) and small.dtype == torch.uint8
 
