@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 import warnings
 
@@ -32,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import tilefn
+import tilefn.lightning
 from tilefn.lightning import StreamedModule
 
 
@@ -57,7 +59,7 @@ class Stripes(Dataset):
         return image, label
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="image side (default 1024)")
     parser.add_argument("--tile", type=int, default=768, help="tile_size (default 768)")
@@ -112,14 +114,22 @@ def main(argv: list[str] | None = None) -> None:
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(module, train, val, ckpt_path=args.resume)
-    (result,) = trainer.test(module, val, verbose=False)
+    try:  # a SIGTERM (preemption, time limit) must not end the job with status 0
+        tilefn.lightning.run(trainer.fit, module, train, val, ckpt_path=args.resume)
+        (result,) = tilefn.lightning.run(trainer.test, module, val, verbose=False)
+    except tilefn.lightning.TrainingInterrupted as err:
+        print(
+            f"INTERRUPTED: {err}; resume with --resume {args.out}/checkpoints/last.ckpt",
+            file=sys.stderr,
+        )
+        return err.exit_code
     print(
         f"epochs={trainer.current_epoch} test_loss={result['test_loss']:.4f} "
         f"test_acc={result['test_acc']:.2f} time={time.perf_counter() - start:.0f}s "
         f"checkpoint={args.out}/checkpoints/last.ckpt"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -72,7 +72,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import tilefn
-from tilefn.lightning import StreamedModule
+import tilefn.lightning
+from tilefn.lightning import StreamedModule, TrainingInterrupted
 from tilefn.slides import MaskedImage, tissue_mask
 
 # ----------------------------------------------------------------------------------------
@@ -462,7 +463,8 @@ def fit(splits, args, *, downsample_factor: int = 1) -> float:
         num_sanity_val_steps=0,
         callbacks=[EpochReport(report_crops=downsample_factor == 1)],
     )
-    trainer.fit(module, train_loader, val_loader)
+    # run() fails loudly when fit ends unfinished (Lightning ends a SIGTERM with status 0).
+    tilefn.lightning.run(trainer.fit, module, train_loader, val_loader)
     if downsample_factor == 1 and args.save:
         torch.save(
             {"trunk": trunk.state_dict(), "head": head.state_dict(), "size": args.size},
@@ -568,13 +570,18 @@ def main(argv: list[str] | None = None) -> int:
         f"validating on {args.n_val}; tile {args.tile}, {args.epochs} epochs, "
         f"{torch.get_num_threads()} threads"
     )
-    val_acc = fit(splits, args)
-    t_train = time.perf_counter() - t0 - t_data
+    try:
+        val_acc = fit(splits, args)
+        t_train = time.perf_counter() - t0 - t_data
+        if args.downsample_baseline:
+            factor = 16
+            print(f"baseline: the same network on the slides downsampled {factor}x")
+            base_acc = fit(splits, args, downsample_factor=factor)
+    except TrainingInterrupted as err:
+        print(f"INTERRUPTED: {err}; no FINAL result.", file=sys.stderr)
+        return err.exit_code
 
     if args.downsample_baseline:
-        factor = 16
-        print(f"baseline: the same network on the slides downsampled {factor}x")
-        base_acc = fit(splits, args, downsample_factor=factor)
         print(
             f"BASELINE {args.size // factor}x{args.size // factor} px (downsampled {factor}x): "
             f"val_acc={base_acc:.3f} (chance 0.50, give or take {0.5 / math.sqrt(args.n_val):.2f} "

@@ -245,3 +245,70 @@ def test_trunk_streams_exactly():
     trunk, _ = train_slides.build_model(0)
     x = torch.randn(1, 1, 256, 256, dtype=torch.float64)
     tilefn.testing.assert_streams_like(trunk.double(), x, 128, saliency=True)
+
+
+def _terminate_after(marker: str, *cmd: str, timeout: float = 180) -> tuple[int, str, str]:
+    """Start ``python cmd...``, send SIGTERM once ``marker`` appears on its stdout (plus a
+    moment, so that training is under way), and return ``(status, stdout, stderr)``."""
+    import os
+    import signal
+    import threading
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, *cmd], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    lines: list[str] = []
+    errors: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True),
+        threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True),
+    ]
+    for t in readers:
+        t.start()
+    deadline = time.monotonic() + timeout
+    while not any(marker in line for line in lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+            raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)}{''.join(errors)}")
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(timeout=120)
+    for t in readers:
+        t.join(timeout=10)
+    proc.stdout.close()
+    proc.stderr.close()
+    return status, "".join(lines), "".join(errors)
+
+
+def test_a_terminated_main_job_fails_loudly(tmp_path):
+    """A SIGTERM (preemption, time limit) during training: non-zero status, a message, no
+    FINAL line and no saved model (Lightning alone would exit 0 in silence)."""
+    pytest.importorskip("lightning")
+    pytest.importorskip("tifffile")
+    data = tmp_path / "data"
+    status, out, err = _terminate_after(
+        "TilePlan", str(EXAMPLES / "train_slides.py"), "--size", "512", "--n-train", "6",
+        "--n-val", "2", "--epochs", "200", "--tile", "128", "--data-dir", str(data),
+        "--no-downsample-baseline", "--threads", "1",
+    )  # fmt: skip
+    assert status == 143, (status, out[-2000:], err[-2000:])
+    assert "INTERRUPTED: trainer.fit received SIGTERM at epoch" in err, err[-2000:]
+    assert "FINAL" not in out and not (data / "model.pt").exists()
+
+
+def test_a_terminated_lightning_example_fails_loudly(tmp_path):
+    pytest.importorskip("lightning")
+    status, out, err = _terminate_after(
+        "TilePlan", str(EXAMPLES / "lightning_resnet.py"), "--size", "96", "--tile", "96",
+        "--n-train", "4", "--n-val", "2", "--epochs", "200", "--out", str(tmp_path / "run"),
+        "--threads", "1",
+    )  # fmt: skip
+    assert status == 143, (status, out[-2000:], err[-2000:])
+    assert "INTERRUPTED: trainer.fit received SIGTERM" in err and "test_acc" not in out

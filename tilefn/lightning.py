@@ -27,12 +27,15 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
         "(lightning>=2.2 and torchmetrics)."
     ) from e
 
+from lightning.pytorch.trainer.states import TrainerStatus  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+
 from ._api import StreamedBackbone, TileSize, streamify
 from ._errors import InputTypeError, OptionError
 from ._inputs import ImageSource
 from ._training import GradAccumulator, scheduler_config, scheduler_is_due, step_scheduler
 
-__all__ = ["StreamedModule"]
+__all__ = ["StreamedModule", "TrainingInterrupted", "run"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -356,3 +359,56 @@ def _stage_metrics(metrics: Any) -> dict[str, nn.Module]:
             f"Metrics, got {type(metrics).__name__}."
         )
     return {stage: metrics.clone(prefix=f"{stage}_") for stage in _STAGES}
+
+
+class TrainingInterrupted(RuntimeError):
+    """A ``Trainer`` entry point (``fit``, ``validate``, ...) ended without finishing: a
+    SIGTERM (cluster preemption, a time limit) or another interruption. ``exit_code`` is what a
+    script should exit with (143 for SIGTERM, 128 + 15, as a shell reports it)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run(entry_point: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``trainer.fit`` (or ``validate``, ``test``, ``predict``) and fail loudly unless it
+    finished.
+
+    On SIGTERM, Lightning stops the loops and raises ``SystemExit`` with no status, so a
+    script ends with exit status 0, no message and whatever it would have done after training
+    left undone: a preempted job looks like a success. ``run`` turns that, and any other way
+    the call ends unfinished (``trainer.interrupted``), into :class:`TrainingInterrupted`,
+    which names the epoch and step reached. Early stopping is a normal finish.
+
+    Example:
+        >>> import tilefn.lightning
+        >>> def main():
+        ...     try:
+        ...         tilefn.lightning.run(trainer.fit, module, train_loader)
+        ...     except tilefn.lightning.TrainingInterrupted as err:
+        ...         print(f"INTERRUPTED: {err}", file=sys.stderr)
+        ...         return err.exit_code
+        ...     return 0
+    """
+    trainer = getattr(entry_point, "__self__", None)
+    if not isinstance(trainer, pl.Trainer):
+        raise InputTypeError(
+            "tilefn.lightning.run: pass a bound Trainer method, e.g. run(trainer.fit, module, "
+            f"loader); got {entry_point!r}."
+        )
+    name = getattr(entry_point, "__name__", "the trainer")
+    try:
+        out = entry_point(*args, **kwargs)
+    except SIGTERMException:
+        raise TrainingInterrupted(
+            f"trainer.{name} received SIGTERM at epoch {trainer.current_epoch}, global step "
+            f"{trainer.global_step}, and stopped before finishing",
+            exit_code=143,
+        ) from None
+    if trainer.interrupted or trainer.state.status != TrainerStatus.FINISHED:
+        raise TrainingInterrupted(
+            f"trainer.{name} ended with status {trainer.state.status.value!r} at epoch "
+            f"{trainer.current_epoch}, global step {trainer.global_step}, before finishing"
+        )
+    return out
