@@ -16,13 +16,13 @@ TilePlan(input (1, 3, 4096, 3000), tile_size (2048, 1536), alignment (32, 32))
   dim H: 3 crops [0:2048) [1632:3680) [3264:4096)
   dim W: 3 crops [0:1528) [1088:2616) [2176:3000)
   output 0: shape (1, 512, 128, 94), stride (32, 32)
-  9 tiles, overlap a = 1.556, minimum tile_size (448, 472), estimated peak memory 4382.4 MiB"""
+  9 tiles, overlap a = 1.556 (crop area computed / image area), minimum tile_size (448, 472), estimated peak memory 4382.4 MiB"""
 
 CONV1D_100 = """\
 TilePlan(input (2, 2, 100), tile_size (40,), alignment (2,))
   dim L: 3 crops [0:40) [36:76) [72:100)
   output 0: shape (2, 2, 100), stride (1)
-  3 tiles, overlap a = 1.080, minimum tile_size (6,), estimated peak memory 0.0 MiB"""
+  3 tiles, overlap a = 1.080 (crop area computed / image area), minimum tile_size (6,), estimated peak memory 0.0 MiB"""
 
 
 def test_resnet18_trunk_plan() -> None:

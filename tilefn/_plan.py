@@ -104,7 +104,8 @@ class TilePlan:
             stride = ", ".join(str(s) for s in self.output_strides[o])
             lines.append(f"  output {o}: shape {tuple(shape)}, stride ({stride})")
         lines.append(
-            f"  {self.n_tiles} tiles, overlap a = {self.overlap:.3f}, "
+            f"  {self.n_tiles} tiles, overlap a = {self.overlap:.3f} (crop area computed / "
+            "image area), "
             f"minimum tile_size {tuple(self.min_tile_size)}, "
             f"estimated peak memory {self.memory_estimate / 2**20:.1f} MiB"
         )
