@@ -3,6 +3,7 @@ still exact against the plain model in float64."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -225,3 +226,15 @@ def test_crop_batch_runs_random_models_one_crop_at_a_time() -> None:
 def test_bad_crop_batch(bad) -> None:
     with pytest.raises(tilefn.OptionError, match="crop_batch"):
         tilefn.streamify(make_net(), 48, crop_batch=bad)
+
+
+def test_auto_refuses_a_budget_that_only_admits_heavily_overlapping_tiles() -> None:
+    """A deep network whose minimum tile owns almost nothing: a budget that fits only such
+    tiles is refused (with the budget a tolerable tile needs), not turned into a plan whose
+    crops compute 28 times the image."""
+    deep = nn.Sequential(*[nn.Conv2d(1, 1, 9, padding=4) for _ in range(12)])
+    with pytest.raises(tilefn.TileSizeError, match=r"only admits tiles that overlap heavily") as e:
+        tilefn.plan(deep, (1, 1, 400, 400), "auto", memory_budget=3 * 2**20)
+    need = float(re.search(r"needs memory_budget >= ([0-9.]+) MiB", str(e.value)).group(1))
+    plan = tilefn.plan(deep, (1, 1, 400, 400), "auto", memory_budget=int((need + 0.1) * 2**20))
+    assert plan.overlap <= 8

@@ -411,3 +411,19 @@ def test_fold_of_transposed_blocks_streams_and_space_in_channels_is_refused() ->
 
     with pytest.raises(tilefn.UnsupportedLayerError, match="channel dim holds a spatial dim"):
         tilefn.plan(RowsAsChannels(), (1, 1, 48, 40), 24)
+
+
+def test_the_tile_size_error_lists_tiles_that_do_not_overlap_so_much() -> None:
+    """The minimum tile of a deep network owns almost nothing (here 1 px per crop, a in the
+    thousands): the error lists larger tiles with their overlap and memory."""
+    import re
+
+    deep = nn.Sequential(*[nn.Conv2d(1, 1, 9, padding=4) for _ in range(12)]).to(DTYPE)
+    with pytest.raises(tilefn.TileSizeError, match=r"Use tile_size >= \(97, 97\)") as info:
+        tilefn.plan(deep, (1, 1, 400, 400), 32)
+    msg = str(info.value)
+    assert "Tiles, their a and estimated peak memory: (97, 97): a = " in msg, msg
+    overlaps = [float(a) for a in re.findall(r"\): a = ([0-9.e+]+),", msg)]
+    assert overlaps[0] > 100 and overlaps[-1] <= 2 and overlaps == sorted(overlaps, reverse=True)
+    for tile, a in zip(re.findall(r"\((\d+), \d+\): a = ", msg)[1:], overlaps[1:]):
+        assert tilefn.plan(deep, (1, 1, 400, 400), int(tile)).overlap == pytest.approx(a, rel=1e-2)

@@ -205,6 +205,38 @@ def make_plan(
     return planner.plan(tile_tuple(tile_size, planner.ndim)), planner.full
 
 
+#: ``tile_size="auto"`` refuses plans whose crops compute more than this many times the image:
+#: a budget that only admits such tiles is too small for the network to be worth streaming.
+AUTO_MAX_OVERLAP = 8.0
+
+
+def _overlap_trap(planner: _Planner, plan: TilePlan, budget: int, cands: list[int]) -> str:
+    """The TileSizeError text for an "auto" budget that only admits heavily overlapping tiles:
+    the best plan it admits, and the budget the smallest tile with a tolerable overlap needs."""
+    lengths = planner.lengths
+    advice = ""
+    for t in sorted(cands):
+        tiles = tuple(min(t, n) for n in lengths)
+        try:
+            found = planner.plan(tiles)
+        except TilefnError:
+            continue
+        if found.overlap <= AUTO_MAX_OVERLAP:
+            advice = (
+                f" The smallest tile tried with a <= {AUTO_MAX_OVERLAP:g}, {tiles} "
+                f"(a = {found.overlap:.2f}), needs memory_budget >= "
+                f"{found.memory_estimate / 2**20:.1f} MiB."
+            )
+            break
+    return (
+        f"streamify: memory_budget {budget / 2**20:.1f} MiB only admits tiles that overlap "
+        f"heavily: the best, {plan.tile_size}, has overlap a = {plan.overlap:.1f} (its crops "
+        f"compute {plan.overlap:.0f} times the image of shape {planner.input_shape}), over the "
+        f"limit of {AUTO_MAX_OVERLAP:g} for tile_size='auto'.{advice} Raise memory_budget, or "
+        "pass that tile_size yourself to accept the cost."
+    )
+
+
 def auto_plan(
     model: nn.Module, input_shape: Sequence[int], memory_budget: int, dtype: torch.dtype
 ) -> tuple[TilePlan, Trace]:
@@ -245,6 +277,8 @@ def auto_plan(
     for _, _, t in sorted(scored):
         plan = planner.plan(tuple(min(t, n) for n in lengths))
         if plan.memory_estimate <= memory_budget:
+            if plan.overlap > AUTO_MAX_OVERLAP:
+                raise TileSizeError(_overlap_trap(planner, plan, memory_budget, cands))
             return plan, planner.full
     smallest = planner.plan(tuple(min(minimum, n) for n in lengths))
     raise TileSizeError(
@@ -253,6 +287,10 @@ def auto_plan(
         f"{smallest.memory_estimate / 2**20:.1f} MiB for input shape {planner.input_shape}). "
         "Raise memory_budget, or pass a tile_size and no budget."
     )
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 class _Planner:
@@ -326,6 +364,45 @@ class _Planner:
             self.crop_traces[shape] = t
         return self.crop_traces[shape]
 
+    def _sensible_advice(self, minimum: tuple[int, ...]) -> str:
+        """The minimum tile can be a trap: for a network with a large receptive field it
+        overlaps so much that the crops compute hundreds of times the image (ConvNeXt-tiny).
+        List, with their memory estimates, the minimum and the smallest tiles tried (growing by
+        1/4 on the alignment grid, up to the image) whose overlap ``a`` is at most 8, 4 and 2."""
+        show = (lambda t: t[0]) if self.ndim == 1 else (lambda t: t)  # noqa: E731
+        try:
+            at_min = self.plan(minimum)
+        except TilefnError:
+            return ""
+        if at_min.overlap <= 2:
+            return ""
+        rows = [(minimum, at_min)]
+        tiles, bounds = minimum, [8.0, 4.0, 2.0]
+        for _ in range(24):
+            grown = tuple(
+                min(n, -(-int(t * 1.25) // a) * a)
+                for t, n, a in zip(tiles, self.lengths, self.aligns)
+            )
+            if grown == tiles or not bounds:
+                break
+            tiles = grown
+            try:
+                found = self.plan(tiles)
+            except TilefnError:
+                break
+            if found.overlap <= bounds[0]:
+                rows.append((tiles, found))
+                bounds = [b for b in bounds if b < found.overlap]
+        listed = "; ".join(
+            f"{show(t)}: a = {p.overlap:.3g}, {_mib(p.memory_estimate)}" for t, p in rows
+        )
+        return (
+            " At that minimum the crops overlap heavily (a, the crop area computed over the "
+            "image area, is the compute cost relative to one plain pass). Tiles, their a and "
+            f"estimated peak memory: {listed}. Larger tiles compute less but need more memory: "
+            "use the largest that fits, or tile_size='auto' with memory_budget=..."
+        )
+
     def plan(self, tiles: tuple[int, ...]) -> TilePlan:
         ndim, lengths, aligns = self.ndim, self.lengths, self.aligns
         graph, full = self.graph, self.full
@@ -355,6 +432,7 @@ class _Planner:
                 )
             else:
                 msg += f"Use tile_size >= {need} for input shape {self.input_shape}."
+                msg += self._sensible_advice(minimum)
             raise TileSizeError(msg) from None
         spans = tuple(tuple(s for s, _ in sn) for sn in spans_needs)
         # Check the sizes the model really produces on each distinct crop length.
