@@ -28,6 +28,7 @@ ORDER = [
     "_autograd",
     "_api",
     "rules",
+    "_calibrate",
     "_split",
     "testing",
     "_training",

@@ -7,6 +7,7 @@ the tile size, not on the image size.
 
 from . import _errors, rules
 from ._api import Streamed, StreamedBackbone, plan, streamify
+from ._calibrate import calibrate_batchnorm
 from ._errors import *  # noqa: F403 (the exception family, listed in _errors.__all__)
 from ._inputs import ArrayImage, ImageSource, collate
 from ._options import StreamOptions
@@ -20,6 +21,7 @@ __all__ = [
     "streamify",
     "plan",
     "split",
+    "calibrate_batchnorm",
     "register_rule",
     "rules",
     "Streamed",

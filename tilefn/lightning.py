@@ -13,6 +13,7 @@ unchanged, with no hand-written synchronisation.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -204,6 +205,8 @@ class StreamedModule(pl.LightningModule):
         out = self(x)
         loss = self.loss_fn(out, y)
         self.manual_backward(loss / self.accumulate_grad_batches)
+        if self.global_step == 0 and batch_idx == 0:
+            _warn_if_saturated(self.trunk.model, loss)
         if self._accumulator.record_backward(self.accumulate_grad_batches):
             self._optimizer_step()
         self._log("train", loss, out, y, x.shape[0])
@@ -359,6 +362,22 @@ def _stage_metrics(metrics: Any) -> dict[str, nn.Module]:
             f"Metrics, got {type(metrics).__name__}."
         )
     return {stage: metrics.clone(prefix=f"{stage}_") for stage in _STAGES}
+
+
+def _warn_if_saturated(trunk: nn.Module, loss: torch.Tensor) -> None:
+    """After the first backward: a trunk whose trainable parameters all got exactly zero
+    gradient is saturated; from scratch that is usually BatchNorm's initial statistics."""
+    params = [p for p in trunk.parameters() if p.requires_grad]
+    if params and all(p.grad is None or not bool(p.grad.any()) for p in params):
+        warnings.warn(
+            f"StreamedModule: the first training step gave every trunk parameter a zero "
+            f"gradient (loss {float(loss.detach()):.4g}): the trunk's outputs saturate the head. In a "
+            "network trained from scratch this is usually BatchNorm: streamed BatchNorm "
+            "normalises with running statistics, and the initial ones (mean 0, variance 1) "
+            "let deep networks (ResNet-50) blow up. Set them from the data first: "
+            "tilefn.calibrate_batchnorm(trunk, [a few images], tile_size=...).",
+            stacklevel=3,
+        )
 
 
 class TrainingInterrupted(RuntimeError):
