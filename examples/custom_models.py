@@ -9,9 +9,11 @@ relative errors are printed (they are at the level of float64 rounding, ~1e-16).
      ``tilefn.split``, and cut your own model by hand.
   b  ConvNeXt in train mode: stochastic depth and layer scale stay on, and stream exactly.
   c  BatchNorm: inside the trunk it runs on its running statistics; weight and bias still
-     get exact gradients.
+     get exact gradients; with ``batchnorm="batch"``, exact batch statistics instead.
   d  A U-Net with a per-pixel segmentation head: a dense output, streamed exactly.
   e  Refusals: what tilefn says about layers that cannot be streamed.
+  f  Whole-image statistics (GroupNorm, squeeze-excitation, InstanceNorm): staged
+     streaming, exact.
 
 No subclassing, no hooks, no callbacks: the model stays a plain ``nn.Module``, and
 ``tilefn.streamify`` wraps the part that sees the whole image in pieces.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import textwrap
 import time
 from collections import OrderedDict
@@ -262,8 +265,8 @@ def section_convnext_train() -> None:
 def section_batchnorm() -> None:
     print(
         "BatchNorm in train mode normalises with the mean and variance of the whole batch,\n"
-        "i.e. of every pixel of the image: no tile can know them. Inside the streamed trunk,\n"
-        "tilefn therefore always runs BatchNorm on its running statistics (eval semantics),\n"
+        "i.e. of every pixel of the image: no tile can know them. By default, inside the\n"
+        "streamed trunk tilefn runs BatchNorm on its running statistics (eval semantics),\n"
         "even after model.train(), and leaves those statistics untouched. BatchNorm's weight\n"
         "and bias stay trainable and get exact gradients. So the plain model to compare with\n"
         "is the one with BatchNorm in eval mode. Start from pretrained statistics (or estimate\n"
@@ -303,6 +306,25 @@ def section_batchnorm() -> None:
     errors = compare(trunk, x, tile=128)
     bn_err = max(e for n, e in errors.items() if "bn" in n or "downsample.1" in n)
     print(f"    {'BatchNorm grads':<18} max rel. error {bn_err:.1e} (weight and bias)")
+
+    print(
+        "  With batchnorm='batch', BatchNorm uses exact whole-image batch statistics instead\n"
+        "  (staged streaming, one streamed pass up to each layer) and updates its running\n"
+        "  statistics once per forward, as the plain train-mode model does:"
+    )
+    small = trunk[:4]  # conv1, bn1, relu, maxpool: one BatchNorm keeps this quick
+    plain = copy.deepcopy(small)
+    backbone, _ = tilefn.streamify(small, 128, batchnorm="batch")
+    with torch.no_grad():
+        streamed, expected = backbone(x), plain(x)
+    print(
+        f"  streamed vs plain, both on batch statistics: max rel. error "
+        f"{rel_error(streamed, expected):.1e}; running_mean max |diff| "
+        f"{(small.bn1.running_mean - plain.bn1.running_mean).abs().max().item():.1e}, "
+        f"num_batches_tracked {int(small.bn1.num_batches_tracked)} == "
+        f"{int(plain.bn1.num_batches_tracked)}"
+    )
+    assert rel_error(streamed, expected) < 1e-10
 
 
 # --------------------------------------------------------------------------------------
@@ -383,16 +405,18 @@ def section_refusals() -> None:
     x = torch.randn(1, 3, 128, 128)
     cases: list[tuple[str, Callable[[], object]]] = []
 
-    se = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        torchvision.ops.SqueezeExcitation(16, 4),
-        nn.Conv2d(16, 16, 3, padding=1),
-    )
-    cases.append(("a squeeze-excitation block", lambda: tilefn.streamify(se, 64).backbone(x)))
-    gn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
-    cases.append(("GroupNorm", lambda: tilefn.streamify(gn, 64).backbone(x)))
-    eff = torchvision.models.efficientnet_b0(weights=None)
-    cases.append(("tilefn.split(efficientnet_b0)", lambda: tilefn.split(eff)))
+    class MaxGate(nn.Module):  # CBAM's channel gate from global *max* pooling: not a sum
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Conv2d(16, 16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(self.fc(F.adaptive_max_pool2d(x, 1)))
+
+    gate = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), MaxGate(), nn.Conv2d(16, 16, 3))
+    cases.append(("a global max gate", lambda: tilefn.streamify(gate, 64).backbone(x)))
+    attention = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Flatten(2))
+    cases.append(("flattened positions", lambda: tilefn.streamify(attention, 64).backbone(x)))
     for what, attempt in cases:
         print(f"\n  {what}:")
         try:
@@ -406,12 +430,47 @@ def section_refusals() -> None:
 # --------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------
+# (f) Whole-image statistics: staged streaming.
+# --------------------------------------------------------------------------------------
+
+
+def section_staged() -> None:
+    print(
+        "Squeeze-excitation, image pooling, GroupNorm and InstanceNorm need one statistic of\n"
+        "the whole map (a mean, or a mean and variance per group); given it, they are local.\n"
+        "tilefn makes each a barrier: the forward streams the model up to it and reduces the\n"
+        "map's blocks into the exact statistic, then streams the whole model with the\n"
+        "statistics fixed; the backward runs the stages in reverse. Nothing is frozen."
+    )
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        # No bias right before a normalisation (its gradient is zero: nothing to compare)
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        torchvision.ops.SqueezeExcitation(16, 4),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False),
+        nn.InstanceNorm2d(16, affine=True),
+        nn.Conv2d(16, 4, 3, padding=1),
+    ).double()
+    x = torch.randn(2, 3, 160, 160, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plan = tilefn.plan(net, x.shape, 96)
+    print("  " + str(plan).split("\n  main stage")[0].replace("\n", "\n  "))
+    compare(net, x, tile=96)
+    print(
+        "  BatchNorm in train mode can use exact batch statistics the same way:\n"
+        "  tilefn.streamify(trunk, tile, batchnorm='batch') (see section c)."
+    )
+
+
 SECTIONS: dict[str, tuple[str, Callable[[], None]]] = {
     "a": ("splitting networks into trunk and head", section_split),
     "b": ("ConvNeXt in train mode", section_convnext_train),
     "c": ("BatchNorm", section_batchnorm),
     "d": ("a U-Net with a dense segmentation head", section_unet),
     "e": ("refusals", section_refusals),
+    "f": ("whole-image statistics (staged streaming)", section_staged),
 }
 
 

@@ -37,7 +37,7 @@ def test_custom_models_all_sections():
     proc = run_example("custom_models.py", "--threads", "1", timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
-    for key in "abcde":
+    for key in "abcdef":
         assert re.search(rf"^\({key}\) OK in ", out, re.MULTILINE), out
 
     # (a) every family splits exactly, and a hand-made split streams exactly.
@@ -59,8 +59,11 @@ def test_custom_models_all_sections():
     # (d) dense output at full resolution; (e) the refusals, with their messages.
     assert "logits (2, 3, 160, 160)" in out, out
     assert "assert_streams_like(unet, x, 96): passed" in out, out
-    assert out.count("-> UnsupportedLayerError:") == 3, out
-    assert "(GroupNorm)" in out and "(SqueezeExcitation)" in out, out
+    assert out.count("-> UnsupportedLayerError:") == 2, out
+    assert "(MaxGate)" in out, out
+    # (c) batch statistics on request; (f) whole-image statistics stream exactly (staged).
+    assert "both on batch statistics: max rel. error" in out, out
+    assert "barrier 1: GroupNorm statistics (4 groups)" in out, out
 
 
 def test_lightning_resnet_tiny_and_resume(tmp_path):

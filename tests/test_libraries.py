@@ -288,18 +288,16 @@ def test_timm_trunks_and_feature_pyramids_stream_exactly() -> None:
     tilefn.testing.assert_streams_like(pyramid.to(DTYPE).eval(), x, 512, rtol=1e-8, atol=1e-8)
 
 
-def test_refusals_of_library_layers_name_the_real_cause() -> None:
+def test_library_whole_image_layers_stream_and_attention_is_refused() -> None:
+    torch.manual_seed(0)
     inorm = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True))
-    with pytest.raises(
-        tilefn.UnsupportedLayerError,
-        match=r"'1' \(InstanceNorm2d\) normalises each sample(?s:.*)norm='batch'",
-    ):
-        tilefn.plan(inorm, (1, 3, 64, 64), 32)
+    tilefn.testing.assert_streams_like(inorm.to(DTYPE), image(1, 3, 64, 64), 32)
     from torchvision.models.segmentation.deeplabv3 import ASPP
 
-    aspp = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ASPP(8, [2, 4]))
-    with pytest.raises(tilefn.UnsupportedLayerError, match=r"image-pooling branch \(ASPP"):
-        tilefn.plan(aspp, (1, 3, 64, 64), 32)
+    # ASPP: dilated branches plus the image-pooling branch (pool, 1x1 conv, BatchNorm, ReLU,
+    # bilinear upsampling back), concatenated: the pooling branch is a barrier.
+    aspp = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ASPP(8, [2, 4], out_channels=8))
+    tilefn.testing.assert_streams_like(aspp.to(DTYPE).eval(), image(1, 3, 96, 80), 48)
 
     class Tokens(nn.Module):  # a ViT's patch tokens and class token
         def __init__(self) -> None:

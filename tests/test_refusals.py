@@ -135,16 +135,22 @@ def test_refusal_is_pinned(
     assert isinstance(info.value, tilefn.TilefnError)
 
 
-def test_squeeze_excitation_refusal_names_the_block_and_the_real_fix():
-    torchvision = pytest.importorskip("torchvision")
-    net = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        torchvision.ops.SqueezeExcitation(16, 4),
-        nn.Conv2d(16, 16, 3, padding=1),
-    )
+class MaxGate(nn.Module):
+    """A channel gate from global *max* pooling (CBAM's max branch): not a sum."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pool, self.fc = nn.AdaptiveMaxPool2d(1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(self.pool(x)))
+
+
+def test_global_max_gate_refusal_names_the_block_and_the_real_fix():
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), MaxGate(16), nn.Conv2d(16, 16, 3))
     with pytest.raises(tilefn.UnsupportedLayerError) as info:
         tilefn.plan(net, (1, 3, 128, 128), 64)
     msg = str(info.value)
-    assert "layer '1.avgpool' (AdaptiveAvgPool2d, inside SqueezeExcitation '1')" in msg
-    assert "It is part of the block '1' (SqueezeExcitation)" in msg
-    assert "end the trunk before '1'" in msg
+    assert "layer '1.pool' (AdaptiveMaxPool2d, inside MaxGate '1')" in msg
+    assert "It is part of the block '1' (MaxGate)" in msg
+    assert "x.mean((2, 3), keepdim=True)" in msg and "end the trunk before '1'" in msg

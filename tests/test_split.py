@@ -53,6 +53,9 @@ FAMILIES = [
     pytest.param("densenet121", torch.float64, id="densenet121"),
     pytest.param("mobilenet_v2", torch.float64, id="mobilenet_v2"),
     pytest.param("regnet_x_400mf", torch.float64, id="regnet_x_400mf"),
+    pytest.param("regnet_y_400mf", torch.float64, id="regnet_y_400mf"),
+    pytest.param("efficientnet_b0", torch.float64, id="efficientnet_b0"),
+    pytest.param("mobilenet_v3_small", torch.float64, id="mobilenet_v3_small"),
     pytest.param("shufflenet_v2_x0_5", torch.float64, id="shufflenet_v2"),
     pytest.param("mnasnet0_5", torch.float64, id="mnasnet"),
     pytest.param("squeezenet1_1", torch.float64, id="squeezenet1_1"),
@@ -78,6 +81,8 @@ def test_split_is_exact_and_streamable(name: str, dtype: torch.dtype):
     assert set(trunk.state_dict()) | set(head.state_dict()) == model_keys
 
     plan = tilefn.plan(trunk, (2, 3, 64, 64), 64)  # streamable: tilefn can plan it
+    if isinstance(plan, tilefn.StagedPlan):  # squeeze-excitation: one plan per stage
+        plan = plan.main
     assert plan.n_tiles == 1
 
 
@@ -199,19 +204,14 @@ def test_split_num_classes_invalid(bad):
 
 
 @pytest.mark.parametrize(
-    ("name", "layer"),
-    [
-        ("efficientnet_b0", "features.1.0.block.1"),
-        ("mobilenet_v3_small", "features.1.block.1"),
-        ("regnet_y_400mf", "trunk_output.block1.block1-0.f.se"),
-    ],
+    ("name", "barriers"),
+    [("efficientnet_b0", 16), ("mobilenet_v3_small", 9), ("regnet_y_400mf", 16)],
 )
-def test_split_refuses_squeeze_excitation(name: str, layer: str):
-    with pytest.raises(tilefn.UnsupportedLayerError) as info:
-        tilefn.split(build(name, torch.float32))
-    msg = str(info.value)
-    assert msg.startswith(f"split: layer '{layer}' (SqueezeExcitation)"), msg
-    assert "whole image" in msg and "ResNet" in msg
+def test_split_squeeze_excitation_families_into_staged_trunks(name: str, barriers: int):
+    """These used to be refused; their squeeze-excitation blocks are now barriers."""
+    trunk, _ = tilefn.split(build(name, torch.float32))
+    plan = tilefn.plan(trunk, (1, 3, 2048, 2048), 1024)
+    assert isinstance(plan, tilefn.StagedPlan) and len(plan.barriers) == barriers
 
 
 class Custom(nn.Module):

@@ -14,6 +14,7 @@ from ._options import StreamOptions
 from ._plan import Crop, Span, TilePlan
 from ._rules import register_rule
 from ._split import split
+from ._staged import StagedPlan
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "ImageSource",
     "collate",
     "TilePlan",
+    "StagedPlan",
     "Crop",
     "Span",
     *_errors.__all__,

@@ -22,8 +22,9 @@ from ._execute import Executor, RngState, model_state
 from ._inputs import CropReader, ImageSource, as_source, check_shape, model_dtype
 from ._options import StreamOptions, canonical_tile, check_budget, check_tile_option
 from ._plan import TilePlan
-from ._planner import PlanCache, auto_plan, make_plan
-from ._trace import Trace
+from ._planner import PlanCache, auto_plan, make_plan, model_fingerprint
+from ._staged import StagedCall, StagedFunction, StagedPlan, StagedProgram
+from ._trace import Trace, trace
 
 __all__ = ["Streamed", "StreamedBackbone", "streamify", "plan"]
 
@@ -43,8 +44,9 @@ def plan(
     tile_size: TileSize,
     dtype: torch.dtype | None = None,
     memory_budget: int | None = None,
-) -> TilePlan:
-    """The tiling plan of ``model`` on inputs of ``input_shape``, from shapes only.
+) -> TilePlan | StagedPlan:
+    """The tiling plan of ``model`` on inputs of ``input_shape``, from shapes only (for a
+    model with whole-image ops, a :class:`~tilefn.StagedPlan`: one plan per stage).
 
     The model is recorded on meta tensors (no data, no memory); nothing is computed on an
     image. The plan lists the crops, the output blocks each one owns, the alignment, the
@@ -71,6 +73,10 @@ def plan(
     tile_size = canonical_tile(tile_size)
     check_tile_option(tile_size, budget, "plan")
     dtype = dtype or model_dtype(model)
+    found = trace(model, shape, dtype, batch_stats=False)
+    if found.barriers:
+        program = StagedProgram(model, found, StreamOptions())
+        return program.plan(shape, tile_size, dtype, budget)[0]
     if tile_size == "auto":
         return auto_plan(model, shape, budget, dtype)[0]  # type: ignore[arg-type]
     return make_plan(model, shape, tile_size, dtype)[0]
@@ -101,6 +107,7 @@ class StreamedBackbone(nn.Module):
         self.options = options
         self._executor = Executor(model, options)
         self._plans = PlanCache()
+        self._programs: dict = {}  # (shape, dtype, fingerprint) -> StagedProgram or None
         self._shown: set[int] = set()  # plans already printed or warned about
 
     @property
@@ -134,18 +141,40 @@ class StreamedBackbone(nn.Module):
         )
         return source, reader
 
-    def plan(self, shape_or_input: Sequence[int] | torch.Tensor | ImageSource) -> TilePlan:
-        """The cached :class:`TilePlan` for this input (or input shape)."""
+    def plan(
+        self, shape_or_input: Sequence[int] | torch.Tensor | ImageSource
+    ) -> TilePlan | StagedPlan:
+        """The cached :class:`TilePlan` for this input (or input shape); for a model with
+        whole-image ops, a :class:`StagedPlan` with one plan per stage."""
         if isinstance(shape_or_input, (tuple, list, torch.Size)):
             shape = check_shape(tuple(shape_or_input), "plan")
             return self._plan(shape, model_dtype(self._model))[0]
         source, reader = self._source(shape_or_input)
         return self._plan(tuple(source.shape), reader.dtype)[0]
 
-    def _plan(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[TilePlan, Trace]:
+    def _program(self, shape: tuple[int, ...], dtype: torch.dtype) -> StagedProgram | None:
+        """The stages of the model on this input shape, or None if it has no whole-image
+        ops (found by one recording on meta tensors, cached)."""
+        key = (shape, dtype, model_fingerprint(self._model))
+        if key not in self._programs:
+            if len(self._programs) >= 64:
+                self._programs.pop(next(iter(self._programs)))
+            batch = self.options.batchnorm == "batch"
+            found = trace(self._model, shape, dtype, batch_stats=batch)
+            program = StagedProgram(self._model, found, self.options) if found.barriers else None
+            self._programs[key] = program
+        return self._programs[key]
+
+    def _plan(
+        self, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> tuple[TilePlan | StagedPlan, Trace]:
         _check_initialised(self._model)
         budget = self.options.memory_budget
-        plan_, trace_ = self._plans.get(self._model, shape, self.tile_size, dtype, budget)
+        program = self._program(shape, dtype)
+        if program is not None:
+            plan_, trace_ = program.plan(shape, self.tile_size, dtype, budget)
+        else:
+            plan_, trace_ = self._plans.get(self._model, shape, self.tile_size, dtype, budget)
         if id(plan_) not in self._shown:
             self._shown.add(id(plan_))
             if self.options.verbose:
@@ -171,6 +200,10 @@ class StreamedBackbone(nn.Module):
         trained = set(names)
         tensor = source.tensor
         x_grad = tensor is not None and tensor.requires_grad
+        if isinstance(plan_, StagedPlan):
+            return tree_unflatten(
+                list(self._staged_forward(plan_, source, reader)), trace_.out_spec
+            )
         rng = RngState(reader.device) if plan_.uses_rng else None
         if torch.is_grad_enabled() and (x_grad or names):
             call = StreamedCall(
@@ -186,6 +219,31 @@ class StreamedBackbone(nn.Module):
         else:
             outs, _ = self._executor.forward(source, reader, plan_, rng, state=state)
         return tree_unflatten(list(outs), trace_.out_spec)
+
+    def _staged_forward(
+        self, plan_: StagedPlan, source: ImageSource, reader: CropReader
+    ) -> tuple[torch.Tensor, ...]:
+        program = self._program(tuple(source.shape), reader.dtype)
+        assert program is not None
+        state = model_state(self._model)
+        names = [n for n, p in self._model.named_parameters() if p.requires_grad]
+        trained = set(names)
+        tensor = source.tensor
+        x_grad = tensor is not None and tensor.requires_grad
+        rng = RngState(reader.device) if any(p.uses_rng for p in plan_.stages) else None
+        if torch.is_grad_enabled() and (x_grad or names):
+            call = StagedCall(
+                program,
+                plan_,
+                source,
+                reader,
+                names,
+                {n: t for n, t in state.items() if n not in trained},
+                rng,
+            )
+            return StagedFunction.apply(call, tensor, *(state[n] for n in names))[:-1]
+        outs, _, _ = program.forward(source, reader, plan_, rng, state)
+        return tuple(outs)
 
     def vjp(self, x: Any, cotangent: Any, *, saliency: bool) -> tuple[dict, torch.Tensor | None]:
         """``(param_grads, input_grad)`` of ``<cotangent, model(x)>``, tile by tile."""
@@ -210,6 +268,12 @@ class StreamedBackbone(nn.Module):
                     f"{tuple(shape)}, got {got}."
                 )
         named = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
+        if isinstance(plan_, StagedPlan):
+            grads, input_grad = self._staged_vjp(plan_, source, reader, cots, named, saliency)
+            param_grads = {
+                n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)
+            }
+            return param_grads, input_grad
         # Replay the RNG state a forward from here would see (vjp leaves it untouched).
         rng = RngState(reader.device) if plan_.uses_rng else None
         grads, input_grad = self._executor.vjp(
@@ -226,6 +290,23 @@ class StreamedBackbone(nn.Module):
             n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)
         }
         return param_grads, input_grad
+
+    def _staged_vjp(self, plan_, source, reader, cots, named, saliency):
+        program = self._program(tuple(source.shape), reader.dtype)
+        assert program is not None
+        rng = RngState(reader.device) if any(p.uses_rng for p in plan_.stages) else None
+        state = model_state(self._model)
+        # As torch.func.vjp(model, x) would: one forward (its statistics, and the running
+        # statistics' update), then the backward.
+        values = program.statistics(source, reader, plan_, rng, state, update=True)
+        saved = RngState(reader.device) if rng is not None else None
+        try:
+            return program.vjp(
+                source, reader, plan_, cots, [p for _, p in named], saliency, values, rng=rng
+            )
+        finally:
+            if saved is not None:
+                saved.restore()
 
 
 def _check_initialised(model: nn.Module) -> None:
@@ -251,15 +332,19 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
     backpropagated with the part of the cotangent it owns, so peak memory grows with
     ``tile_size``, not with the image size.
 
-    BatchNorm layers always use their running statistics inside the streamed model (the
-    statistics of a tile are not those of the image); their affine parameters still get
-    exact gradients.
+    Whole-image ops inside the model (squeeze-excitation and image pooling: a mean over all
+    positions; GroupNorm; InstanceNorm; BatchNorm in train mode with ``batchnorm="batch"``)
+    are streamed exactly by *staged streaming*: each is a barrier, whose exact statistics
+    come from a streamed pass of the model up to it; the plan is then a
+    :class:`~tilefn.StagedPlan`. BatchNorm layers use their running statistics by default
+    (``batchnorm="running"``); their affine parameters get exact gradients either way.
 
     Args:
         model: A network made of local ops (convolutions, pooling, pointwise ops,
             BatchNorm with running statistics, per-pixel Linear/LayerNorm, upsampling by
-            an integer factor, residual additions and concatenations), returning a tensor
-            or a tuple/list/dict of tensors.
+            an integer factor, residual additions and concatenations) and whole-image
+            statistics (means over all positions, GroupNorm, InstanceNorm), returning
+            feature maps: a tensor or a tuple/list/dict of tensors.
         tile_size: Largest crop side, in input pixels, ever run through the model at
             once: an int, or one int per spatial dim. Bounds peak memory. ``"auto"``
             chooses it per input shape from ``memory_budget``: the plan the cost model
@@ -283,6 +368,9 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
               constant crops are computed once (``backbone.last_stats`` reports it).
             - ``prefetch`` (int or None): crops of lazy images read ahead in a background
               thread (default: one, when a core is free for it).
+            - ``batchnorm`` (``"running"`` or ``"batch"``): train-mode BatchNorm uses
+              running statistics (default) or exact whole-image batch statistics (staged
+              streaming), updating the running statistics as the plain model does.
 
     Returns:
         ``Streamed(backbone, vjp)``. ``backbone(x)`` returns ``model(x)``'s structure and,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -287,9 +287,12 @@ class Executor:
         keep: bool = False,
         want_input: bool = False,
         state: Mapping[str, torch.Tensor] | None = None,
+        sink: Callable[[int, tuple, torch.Tensor], None] | None = None,
     ) -> tuple[list[torch.Tensor], dict[int, Kept]]:
         """The stitched outputs, and with ``keep=True`` (under grad) the graphs of the crops
         whose recompute the backward can skip (see :func:`~tilefn._schedule.kept_crops`).
+        With ``sink``, nothing is stitched: ``sink(output, index, block)`` receives each
+        owned block (``index`` into the full output) and the outputs returned are empty.
 
         ``state`` (names to tensors) is what the model computes with when it differs from
         the tensors the model holds (``torch.func.functional_call``, torch.func transforms)."""
@@ -321,6 +324,12 @@ class Executor:
                         stats.computed += len(group)
                 for i, leaves, leaf in zip(group, per_crop, inputs):
                     for o, out in enumerate(leaves):
+                        if sink is not None:
+                            idx = owned_slices(plan, plan.crops[i], o)
+                            if idx is not None:
+                                _check_output(plan, o, out, idx[1])
+                                sink(o, idx[0], out[idx[1]].detach())
+                            continue
                         if outs[o] is None:
                             outs[o] = new(out, plan.output_shapes[o])
                         idx = owned_slices(plan, plan.crops[i], o)
@@ -332,6 +341,8 @@ class Executor:
                         kept[i] = Kept(leaves, leaf)
                 del per_crop, inputs
         self._report(stats)
+        if sink is not None:
+            return [], kept
         if distributed:
             import torch.distributed as dist
 

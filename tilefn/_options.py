@@ -65,6 +65,15 @@ class StreamOptions:
             is free for it (crops computed on a GPU, or torch using fewer CPU threads than
             there are cores), else 0, since a reader competing with every compute thread
             slows both. Tensors are never read ahead (their crops are views).
+        batchnorm: What BatchNorm layers in train mode normalise with. ``"running"``
+            (the default): their running statistics, as in eval mode, and the running
+            statistics are not updated. ``"batch"``: exact batch statistics over the whole
+            image (all samples and positions), as the plain model in train mode uses, and
+            ``running_mean``/``running_var``/``num_batches_tracked`` updated once per
+            forward as the plain model would. Each such layer is then a barrier of staged
+            streaming (one streamed pass up to it for its statistics; see the docs' "Staged
+            streaming"), so training costs grow with the number of layers. Layers in eval
+            mode always use their running statistics.
 
     Example:
         >>> import tilefn
@@ -87,6 +96,7 @@ class StreamOptions:
     process_group: Any = None
     skip_constant: bool = True
     prefetch: int | None = None
+    batchnorm: str = "running"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -122,6 +132,10 @@ class StreamOptions:
                     f"streamify: prefetch must be None or an int >= 0, got {self.prefetch!r}."
                 )
             set_("prefetch", int(self.prefetch))
+        if self.batchnorm not in ("running", "batch"):
+            raise OptionError(
+                f"streamify: batchnorm must be 'running' or 'batch', got {self.batchnorm!r}."
+            )
         _check_group(self.process_group)
 
 

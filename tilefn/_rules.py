@@ -105,6 +105,13 @@ class TensorArg:
     shape: tuple[int, ...]
     layout: Layout | None  # None: a constant (parameter, buffer, or not derived from the input)
     sizes: tuple[int, ...] = ()  # spatial sizes, one per spatial dim, when spatial
+    strides: tuple[int, ...] = ()  # of a constant: 0 where it is uniform (expanded)
+
+    def uniform(self, dim: int) -> bool:
+        """A constant with the same value at every index of ``dim`` (stride 0: a broadcast,
+        e.g. a global statistic expanded back to the map's size). Such a constant is the
+        same on every crop, whatever its size there."""
+        return not self.spatial and len(self.strides) > dim and self.strides[dim] == 0
 
     @property
     def spatial(self) -> bool:
@@ -219,6 +226,8 @@ def _broadcast_layout(call: OpCall, shape: Sequence[int]) -> Layout:
         for j, size in enumerate(t.shape):
             i = off + j
             if not has_spatial(out[i]) or size == 1:
+                continue
+            if t.uniform(j):
                 continue
             if not t.spatial:
                 raise Refuse(

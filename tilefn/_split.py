@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._errors import InputTypeError, OptionError, UnsupportedLayerError
+from ._errors import InputTypeError, OptionError
 from ._trace import RunningStats
 
 __all__ = ["split", "SpatialMean"]
@@ -60,6 +61,12 @@ def _init_normal(std: float) -> _Init:
 
 def _init_trunc_normal(layer: nn.Module) -> None:
     nn.init.trunc_normal_(layer.weight, std=0.02)
+    nn.init.zeros_(layer.bias)
+
+
+def _init_efficientnet(layer: nn.Module) -> None:
+    bound = 1.0 / math.sqrt(layer.out_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
     nn.init.zeros_(layer.bias)
 
 
@@ -123,8 +130,22 @@ _FAMILIES: tuple[_Family, ...] = (
         _init_normal(0.01),
     ),
     _Family(
+        "EfficientNet",
+        "efficientnet_b0..b7, efficientnet_v2_s/m/l (squeeze-excitation: staged streaming)",
+        ("features",),
+        ("avgpool", _FLATTEN, "classifier"),
+        _init_efficientnet,
+    ),
+    _Family(
+        "MobileNetV3",
+        "mobilenet_v3_small/large (squeeze-excitation: staged streaming)",
+        ("features",),
+        ("avgpool", _FLATTEN, "classifier"),
+        _init_normal(0.01),
+    ),
+    _Family(
         "RegNet",
-        "regnet_x_* (regnet_y_* have squeeze-excitation)",
+        "regnet_x_*, regnet_y_* (squeeze-excitation: staged streaming)",
         ("stem", "trunk_output"),
         ("avgpool", _FLATTEN, "fc"),
         _init_normal(0.01),
@@ -152,10 +173,6 @@ _FAMILIES: tuple[_Family, ...] = (
         _init_normal(0.01),
     ),
 )
-
-# Families with squeeze-excitation throughout the trunk -> the children split() searches
-# for the first such block, to name it in the refusal.
-_GLOBAL_TRUNKS = {"EfficientNet": ("features",), "MobileNetV3": ("features",)}
 
 _HOW_TO_SPLIT_BY_HAND = """\
 Split it by hand: the trunk gets every local layer (convolutions, local pooling, activations,
@@ -204,8 +221,6 @@ def split(
     Raises:
         InputTypeError: ``model`` is not a model of a supported family (the message lists
             them and shows how to split a model by hand), or overrides its ``forward``.
-        UnsupportedLayerError: the family cannot be streamed: squeeze-excitation blocks
-            (EfficientNet, MobileNetV3, RegNetY) pool over the whole image inside the trunk.
         OptionError: ``num_classes`` is not a positive int.
 
     Example:
@@ -229,12 +244,8 @@ def split(
     if _is_timm(model):
         return _split_timm(model, num_classes)
     family = _family_of(model)
-    name = type(model).__name__
     if family is None:
         raise InputTypeError(_unknown_message(model))
-    if isinstance(family, str):  # a family whose trunk cannot be streamed
-        _refuse_global(name, [(p, getattr(model, p)) for p in _GLOBAL_TRUNKS[family]])
-        raise InputTypeError(_unknown_message(model))  # a subclass without squeeze-excitation
     overridden = _overridden(model, family)
     if overridden:
         raise InputTypeError(
@@ -243,7 +254,6 @@ def split(
             + _HOW_TO_SPLIT_BY_HAND
         )
     trunk = _build(model, family.trunk)
-    _refuse_global(name, list(trunk.named_children()))
     head = _build(model, family.head)
     if num_classes is not None:
         head = _replace_final_layer(head, num_classes, family.init)
@@ -318,7 +328,6 @@ def _split_timm(model: nn.Module, num_classes: int | None) -> tuple[nn.Module, n
     ]
     trunk = TimmPart(model, "forward_features", [n for n in children if n not in head_names])
     head = TimmPart(model, "forward_head", head_names)
-    _refuse_global(name, list(trunk.named_children()))
     return trunk, head
 
 
@@ -356,7 +365,7 @@ def _qualname(obj: object) -> str:
     return f"{cls.__name__} ({cls.__module__}.{cls.__qualname__})"
 
 
-def _family_of(model: object) -> _Family | str | None:
+def _family_of(model: object) -> _Family | None:
     if not isinstance(model, nn.Module):
         return None
     from torchvision import models  # lazily: importing torchvision takes a while
@@ -364,9 +373,6 @@ def _family_of(model: object) -> _Family | str | None:
     for family in _FAMILIES:
         if isinstance(model, getattr(models, family.name)):
             return family
-    for name in _GLOBAL_TRUNKS:
-        if isinstance(model, getattr(models, name)):
-            return name
     return None
 
 
@@ -393,25 +399,6 @@ def _build(model: nn.Module, parts: tuple[_Part, ...]) -> nn.Sequential:
     seq = nn.Sequential(modules)
     seq.training = model.training  # the container only; the model's modules keep their modes
     return seq
-
-
-def _refuse_global(model_name: str, named: list[tuple[str, nn.Module]]) -> None:
-    """Raise UnsupportedLayerError at the first squeeze-excitation block under ``named``."""
-    from torchvision.ops import SqueezeExcitation
-
-    for prefix, module in named:
-        for path, m in module.named_modules(prefix=prefix):
-            if isinstance(m, SqueezeExcitation):
-                raise UnsupportedLayerError(
-                    f"split: layer '{path}' ({type(m).__name__}) of this {model_name} is a "
-                    "squeeze-excitation block: it averages every channel over the whole image "
-                    "and rescales every pixel with the result, so no tile can be computed "
-                    "without seeing the whole image. EfficientNet, MobileNetV3 and RegNetY "
-                    "(regnet_y_*) have such blocks throughout the trunk and cannot be streamed. "
-                    "Use a family without them (ResNet, ConvNeXt, RegNetX, MobileNetV2, ...), "
-                    "or split by hand and stream only the layers before the first "
-                    "squeeze-excitation block."
-                )
 
 
 def _unknown_message(model: object) -> str:

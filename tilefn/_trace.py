@@ -36,6 +36,7 @@ from ._compat import (
 )
 from ._errors import InputError, TilefnError, TraceError, UnsupportedLayerError, see_docs
 from ._geometry import Circular, DimMap, Graph, Identity, Node, Op
+from ._global import Barrier, GlobalCall, GlobalOps
 from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, has_spatial, ns
 from ._view_rules import VIEW_RULES  # noqa: F401 - importing registers the built-in rules
 from ._window_rules import WINDOW_RULES  # noqa: F401 - importing registers the built-in rules
@@ -69,6 +70,10 @@ class Trace:
     program: tuple[OpSignature, ...]  # those ops with their layers and arguments
     activation_bytes: int  # bytes of all tensors computed from the image
     uses_rng: bool
+    # Found when recording with ``batch_stats`` given (see :func:`trace`): the whole-image
+    # ops, and for every call GlobalOps matched, the index of its barrier (None: local).
+    barriers: tuple[Barrier, ...] = ()
+    global_calls: tuple[int | None, ...] = ()
 
 
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training")
@@ -102,6 +107,9 @@ class RunningStats(TorchFunctionMode):
             return func(**bound)
         if func is torch.Tensor.add_ and args and id(args[0]) in self.counters:
             return args[0]  # BatchNorm's step counter: running statistics are not updated
+        if func is torch.Tensor.__float__ and args and id(args[0]) in self.counters:
+            # momentum=None reads the counter it has just advanced: the value it would have.
+            return float(args[0].item()) + 1.0
         return func(*args, **kwargs)
 
 
@@ -207,18 +215,14 @@ class _Recorder(TorchDispatchMode):
             # (ASPP, pyramid pooling) and global-context blocks feed the whole-image summary
             # back into every position.
             path, cls = inside[-1]
-            kind = (
-                "an image-pooling branch (ASPP, pyramid pooling)"
-                if "ASPP" in cls or "Pyramid" in cls or "PSP" in cls
-                else "squeeze-and-excitation or a global-context block"
-            )
             msg += (
-                f" It is part of the block '{path}' ({cls}). How to fix: if that block feeds "
-                f"a whole-image summary back into every position (as {kind} does), neither "
-                f"it nor anything after it can be streamed: end the trunk before '{path}' "
-                "and put the rest in the head, or use a model without such blocks (e.g. "
-                "ResNet, ConvNeXt or MobileNetV2 instead of EfficientNet or MobileNetV3, a "
-                f"U-Net or FPN decoder instead of DeepLabV3/PSPNet); otherwise {err.fix}."
+                f" It is part of the block '{path}' ({cls}). tilefn streams whole-image "
+                "statistics that are means or sums exactly (squeeze-excitation, image pooling "
+                "to 1 x 1, GroupNorm: staged streaming), but not this one (a maximum, or pooling "
+                "to a grid of bins). How to fix: if the block feeds a whole-image summary back "
+                "into every position, make that summary a mean, x.mean((2, 3), keepdim=True), "
+                f"or end the trunk before '{path}' and put the rest in the head; otherwise "
+                f"{err.fix}."
             )
         elif err.fix:
             msg += f" How to fix: {err.fix}."
@@ -227,6 +231,8 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is aten._local_scalar_dense.default and args[0].device.type != "meta":
+            return func(*args)  # .item() of a buffer (BatchNorm's step counter): its value
         if "device" in kwargs:
             kwargs["device"] = torch.device("meta")
         flat, spec = tree_flatten((args, kwargs))
@@ -345,6 +351,7 @@ class _Recorder(TorchDispatchMode):
                 tuple(t.shape),
                 self.layouts[node] if node is not None else None,
                 self.nodes[node].sizes if node is not None else (),
+                tuple(t.stride()) if node is None and t.layout == torch.strided else (),
             )
             targs.append(ta)
             by_pos[pos] = ta
@@ -445,6 +452,102 @@ def _spatial_sizes(layout: Layout, shape, inherited: tuple[int, ...]) -> tuple[i
     return tuple(sizes)
 
 
+class _Discovery:
+    """Decides, for every call :class:`~tilefn._global.GlobalOps` matches, whether it is a
+    barrier (a statistic over every position of a map computed from the image) and, if so,
+    records it and lets the recording go on past it with placeholder statistics."""
+
+    def __init__(self, rec: _Recorder, batch_stats: bool):
+        self.rec, self.batch_stats = rec, batch_stats
+        self.calls: list[int | None] = []
+        self.barriers: list[Barrier] = []
+
+    def handle(self, position: int, call: GlobalCall, run) -> Any:
+        barrier = self._barrier(call)
+        if barrier is None:
+            self.calls.append(None)
+            return run()
+        self.calls.append(len(self.barriers))
+        self.barriers.append(barrier)
+        self.rec.paused = True
+        try:
+            values = barrier.placeholder()
+        finally:
+            self.rec.paused = False
+        return call.apply(values)
+
+    def _refuse(self, call: GlobalCall, why: str, fix: str) -> UnsupportedLayerError:
+        return self.rec.refuse(f"{call.kind} statistics", Refuse(why, fix))
+
+    def _barrier(self, call: GlobalCall) -> Barrier | None:
+        rec, x = self.rec, call.input
+        node = rec.node_of.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if node is None:
+            return None  # not computed from the image: a constant
+        layout = rec.layouts[node]
+        spatial = [i for i, dim in enumerate(layout) if has_spatial(dim)]
+        if call.kind in ("mean", "sum", "pool"):
+            dims = call.dims if call.dims is not None else tuple(range(x.dim()))
+            if not set(spatial) <= set(dims):
+                return None  # over channels only (local), or over some positions (refused)
+            if any(len(layout[i]) != 1 for i in spatial):
+                raise self._refuse(
+                    call,
+                    "reduces a tensor whose dims merge spatial positions with other factors",
+                    "reduce the feature map in its (N, C, *spatial) layout",
+                )
+            dtype = call.dtype or x.dtype
+            return Barrier(call.kind, rec.where(), tuple(x.shape), tuple(dims), None, dtype)
+        if not call.batch_stats:
+            return None  # running statistics: local
+        running = call.running[0] is not None
+        if call.kind == "batch" and running and not self.batch_stats:
+            return None  # batchnorm="running": RunningStats switches it to running statistics
+        if call.kind == "instance" and running:
+            raise self._refuse(
+                call,
+                "is an InstanceNorm with track_running_stats=True in train mode, whose "
+                "running statistics tilefn does not update",
+                "use track_running_stats=False (the default), or call .eval() on the layer",
+            )
+        canonical = all(not has_spatial(layout[i]) for i in (0, 1)) and all(
+            layout[2 + k] == (k,) for k in range(rec.ndim)
+        )
+        if x.dim() != 2 + rec.ndim or not canonical:
+            raise self._refuse(
+                call,
+                "normalises a tensor that is not laid out as (N, C, *spatial)",
+                "normalise the feature map in its (N, C, *spatial) layout",
+            )
+        groups, channels = call.groups, x.shape[1]
+        reduce = tuple(range(2, 3 + rec.ndim))
+        if call.kind == "batch":
+            reduce = (0, *reduce)
+        module = None
+        if call.kind == "batch" and running:
+            name = rec.names.get(id(call.running[0]), "")
+            module = name.rpartition(".")[0] if name.endswith("running_mean") else None
+            if module is None:
+                raise self._refuse(
+                    call,
+                    "normalises with batch statistics into running statistics that are not a "
+                    "BatchNorm module's running_mean buffer",
+                    "use nn.BatchNorm layers, or batchnorm='running'",
+                )
+        if channels % groups:  # pragma: no cover - torch refuses first
+            return None
+        return Barrier(
+            call.kind,
+            rec.where(),
+            tuple(x.shape),
+            reduce,
+            groups,
+            x.dtype,
+            eps=call.eps,
+            module=module,
+        )
+
+
 class _FunctionMode(TorchFunctionMode):
     """Sees two functionals before aten decomposes them: ``F.pad(..., mode="circular")``
     (which aten turns into in-place writes into slices; recorded as one op) and
@@ -468,6 +571,18 @@ class _FunctionMode(TorchFunctionMode):
                 and id(x) in self.rec.node_of
             ):
                 return self.rec.circular_pad(x, list(bound["pad"]), lambda: func(*args, **kwargs))
+        if func is F.interpolate:
+            x = args[0] if args else kwargs.get("input")
+            n = x.dim() - 2 if isinstance(x, torch.Tensor) else 0
+            if n > 0 and id(x) not in self.rec.node_of and all(s == 1 for s in x.shape[2:]):
+                # A 1 x 1 map upsampled is its value everywhere (any mode): record it as a
+                # broadcast, which every crop reproduces at its own size.
+                self.rec.paused = True
+                try:
+                    shape = func(*args, **kwargs).shape
+                finally:
+                    self.rec.paused = False
+                return x.expand(shape)
         if func is F.interpolate and torch.are_deterministic_algorithms_enabled():
             warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
             torch.use_deterministic_algorithms(False)
@@ -531,14 +646,29 @@ def _recording_state() -> Iterator[None]:
 # Inference mode (Lightning's validation and predict loops) would hide the decomposition of
 # composite ops such as aten.conv2d from the recorder, so always record outside it.
 @torch.inference_mode(False)
-def trace(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> Trace:
+def trace(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    batch_stats: bool | None = None,
+) -> Trace:
     """Record ``model`` on a meta tensor of ``input_shape``; BatchNorm uses running stats.
-    Transforms active around the call (torch.func.grad, vjp) do not see the recording."""
+    Transforms active around the call (torch.func.grad, vjp) do not see the recording.
+
+    With ``batch_stats`` given, whole-image ops (means over all positions, GroupNorm,
+    InstanceNorm, and BatchNorm in train mode when ``batch_stats`` is True) are barriers
+    instead of refusals: the trace lists them, and records the rest of the model as if their
+    statistics were constants (the geometry of staged streaming's last stage)."""
     with outside_functorch():
-        return _record_model(model, input_shape, dtype)
+        return _record_model(model, input_shape, dtype, batch_stats)
 
 
-def _record_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> Trace:
+def _record_model(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    batch_stats: bool | None = None,
+) -> Trace:
     ndim = len(input_shape) - 2
     stack: list[tuple[str, str]] = []
     names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
@@ -550,6 +680,8 @@ def _record_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.d
     )
     rec.add_node(x, layout, Node(tuple(input_shape[2:]), (Fraction(1),) * ndim))
     rec.activation_bytes = 0
+    discovery = _Discovery(rec, batch_stats) if batch_stats is not None else None
+    barriers = GlobalOps(discovery.handle) if discovery else contextlib.nullcontext()
     try:
         with (
             _recording_state(),
@@ -558,6 +690,7 @@ def _record_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.d
             _module_paths(model, stack),
             rec,
             _FunctionMode(rec),
+            barriers,
         ):
             out = model(x)
     except TilefnError:
@@ -574,6 +707,17 @@ def _record_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.d
     out_nodes, out_shapes, out_dims = [], [], []
     for i, leaf in enumerate(leaves):
         node = rec.node_of.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+        if node is None and isinstance(leaf, torch.Tensor) and discovery and discovery.barriers:
+            last = discovery.barriers[-1]
+            raise UnsupportedLayerError(
+                f"streamify: layer {last.layer} reduces the whole image ({last.describe()}), "
+                f"and the model's output {i} (shape {tuple(leaf.shape)}) has no spatial dims: "
+                "a streamed model returns feature maps. How to fix: end the trunk before the "
+                "final global pooling (or whatever reduces the map to this output) and apply "
+                "it in the head, on the stitched feature map, where it is cheap. Whole-image "
+                "statistics inside the trunk (squeeze-excitation, GroupNorm, image pooling) "
+                f"stream exactly. {see_docs()}"
+            )
         if node is None:
             raise UnsupportedLayerError(
                 f"streamify: the model's output {i} is "
@@ -607,4 +751,6 @@ def _record_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.d
         program=tuple(rec.program),
         activation_bytes=rec.activation_bytes,
         uses_rng=rec.uses_rng,
+        barriers=tuple(discovery.barriers) if discovery else (),
+        global_calls=tuple(discovery.calls) if discovery else (),
     )

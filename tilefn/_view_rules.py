@@ -243,6 +243,13 @@ def _cat(call: OpCall) -> OpGeometry:
             "concatenates tensors along a spatial dim", "concatenate along channels instead"
         )
     for t in tensors:
+        uniform = all(
+            t.uniform(i) and t.shape[i] == ref.shape[i]
+            for i, dim in enumerate(ref.layout)
+            if has_spatial(dim)
+        )
+        if uniform and len(t.shape) == len(ref.shape):
+            continue  # a broadcast value (an image-pooling branch upsampled back from 1 x 1)
         if not t.spatial:
             raise Refuse(
                 f"concatenates the image with a tensor of shape {tuple(t.shape)} that is not "

@@ -1,0 +1,280 @@
+"""Staged streaming: whole-image ops (squeeze-excitation, image pooling, GroupNorm,
+InstanceNorm, BatchNorm with batch statistics) streamed exactly, against the plain model in
+float64: output, every parameter gradient, the input gradient and the buffers, with every
+convolution seeing at most ``tile_size`` pixels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tilefn
+from tilefn._staged import StagedPlan
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, mid: int = 4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, mid, 1), nn.Conv2d(mid, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class ImagePool(nn.Module):
+    """DeepLab's image-pooling branch: pool, 1x1 conv, upsample back, concatenate."""
+
+    def __init__(self, c: int, out: int = 4, mode: str = "bilinear"):
+        super().__init__()
+        self.conv, self.mode = nn.Conv2d(c, out, 1), mode
+
+    def forward(self, x):
+        p = F.relu(self.conv(F.adaptive_avg_pool2d(x, (1, 1))))
+        up = F.interpolate(p, size=x.shape[-2:], mode=self.mode)
+        return torch.cat([x, up], dim=1)
+
+
+class Centre(nn.Module):
+    """x - mean + a small multiple of the sum, as tensor methods, and a statistic that gates."""
+
+    def forward(self, x):
+        m = x.mean((2, 3), keepdim=True)
+        s = torch.sum(x, dim=(-2, -1), keepdim=True)
+        g = torch.tanh(x.mean(dim=(1, 2, 3)))  # over channels too: one value per sample
+        return (x - m + 1e-3 * s) * g[:, None, None, None]
+
+
+class SpatialSum(nn.Module):
+    def forward(self, x):
+        return x.sum(dim=(-2, -1), keepdim=True) * x
+
+
+def conv(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+
+def max_conv_input(model: nn.Module, run) -> list[tuple[int, ...]]:
+    """The spatial inputs the convolutions of ``model`` computed on while ``run()`` ran (the
+    recordings on meta tensors, which compute nothing, left out)."""
+    seen: list[tuple[int, ...]] = []
+
+    def hook(module, args):
+        if args[0].device.type != "meta":
+            seen.append(tuple(args[0].shape[2:]))
+
+    hooks = [
+        m.register_forward_pre_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.modules.conv._ConvNd)
+    ]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def check_exact(net: nn.Module, shape, tile: int, rtol: float = 1e-9, **options) -> StagedPlan:
+    """Streamed forward and loss.backward() against the plain model (a deep copy), in
+    float64; returns the staged plan."""
+    torch.manual_seed(0)
+    net = net.double()
+    ref = copy.deepcopy(net)
+    x = torch.randn(*shape, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    y = ref(xr)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+
+    backbone, _ = tilefn.streamify(net, tile, saliency=True, **options)
+    xs = x.clone().requires_grad_()
+
+    def step():
+        out = backbone(xs)
+        (out * g).sum().backward()
+        return out
+
+    outs: list[torch.Tensor] = []
+    sizes = max_conv_input(net, lambda: outs.append(step()))
+    assert sizes and max(max(s) for s in sizes) <= tile, f"a convolution saw {max(sizes)}"
+
+    def close(a, b, what):
+        scale = b.abs().max().clamp_min(1e-300)
+        err = ((a - b).abs().max() / scale).item()
+        assert err <= rtol, f"{what}: relative error {err:.2e}"
+
+    close(outs[0], y, "output")
+    close(xs.grad, xr.grad, "input gradient")
+    # Gradients of parameters that are zero in exact arithmetic (a bias before a norm) are
+    # rounding on both sides: compare every gradient on the scale of the largest.
+    gmax = max(p.grad.abs().max() for p in ref.parameters())
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        err = ((p.grad - q.grad).abs().max() / gmax).item()
+        assert err <= rtol, f"gradient of {name}: error {err:.2e} of the largest gradient"
+    for (name, a), b in zip(net.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"buffer {name}")
+    plan = backbone.plan(shape)
+    assert isinstance(plan, StagedPlan)
+    return plan
+
+
+SHAPE = (2, 3, 67, 61)
+
+
+def test_squeeze_excitation_streams_exactly():
+    net = nn.Sequential(
+        conv(3, 8), nn.ReLU(), SqueezeExcite(8), conv(8, 8, 2), SqueezeExcite(8), conv(8, 5)
+    )
+    plan = check_exact(net, SHAPE, 32)
+    assert len(plan.barriers) == 2
+    assert "global average pooling in '2' (SqueezeExcite)" in str(plan)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_image_pooling_branch_streams_exactly(mode):
+    net = nn.Sequential(conv(3, 8), nn.ReLU(), ImagePool(8, mode=mode), conv(12, 5, 2))
+    check_exact(net, SHAPE, 32)
+
+
+def test_means_and_sums_as_methods_and_functions_stream_exactly():
+    check_exact(nn.Sequential(conv(3, 8), Centre(), conv(8, 4)), SHAPE, 32)
+    check_exact(nn.Sequential(conv(3, 4), SpatialSum()), SHAPE, 32)
+
+
+def test_a_model_that_ends_in_global_pooling_is_refused_with_the_fix():
+    net = nn.Sequential(conv(3, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    backbone, _ = tilefn.streamify(net, 32)
+    with pytest.raises(tilefn.UnsupportedLayerError, match="end the trunk before the final"):
+        backbone(torch.randn(1, 3, 64, 64))
+
+
+def test_group_norm_streams_exactly():
+    net = nn.Sequential(
+        conv(3, 8), nn.GroupNorm(4, 8), nn.ReLU(), conv(8, 8, 2), nn.GroupNorm(1, 8), conv(8, 5)
+    )
+    check_exact(net, SHAPE, 32)
+
+
+def test_instance_norm_streams_exactly():
+    net = nn.Sequential(
+        conv(3, 8),
+        nn.InstanceNorm2d(8, affine=True),
+        nn.LeakyReLU(),
+        conv(8, 8, 2),
+        nn.InstanceNorm2d(8),
+        conv(8, 5),
+    )
+    check_exact(net, SHAPE, 32)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_statistics_stream_exactly_and_update_running_stats(momentum):
+    net = nn.Sequential(
+        conv(3, 8),
+        nn.BatchNorm2d(8, momentum=momentum),
+        nn.ReLU(),
+        conv(8, 8, 2),
+        nn.BatchNorm2d(8),
+        conv(8, 5),
+    ).train()
+    net[1].num_batches_tracked.fill_(3)  # momentum=None averages over the steps so far
+    net[1].running_var.fill_(2.0)
+    check_exact(net, SHAPE, 32, batchnorm="batch")  # compares the buffers too
+    assert int(net[1].num_batches_tracked) == 4
+
+
+def test_batchnorm_default_stays_running_statistics():
+    net = nn.Sequential(conv(3, 8), nn.BatchNorm2d(8), nn.ReLU(), conv(8, 5)).double().train()
+    backbone, _ = tilefn.streamify(net, 32)
+    x = torch.randn(*SHAPE, dtype=torch.float64)
+    plan = backbone.plan(SHAPE)
+    assert not isinstance(plan, StagedPlan)
+    before = net[1].running_mean.clone()
+    out = backbone(x)
+    torch.testing.assert_close(out, copy.deepcopy(net).eval()(x))
+    assert torch.equal(net[1].running_mean, before)
+    with pytest.raises(tilefn.OptionError, match="batchnorm must be 'running' or 'batch'"):
+        tilefn.streamify(net, 32, batchnorm="train")
+
+
+def test_batchnorm_without_running_stats_always_uses_batch_statistics():
+    net = nn.Sequential(conv(3, 8), nn.BatchNorm2d(8, track_running_stats=False), conv(8, 5))
+    check_exact(net.train(), SHAPE, 32)
+
+
+def test_streamed_vjp_and_no_grad_forward_of_a_staged_model():
+    torch.manual_seed(1)
+    net = nn.Sequential(conv(3, 8), nn.GroupNorm(2, 8), SqueezeExcite(8), conv(8, 4)).double()
+    x = torch.randn(*SHAPE, dtype=torch.float64, requires_grad=True)
+    y = net(x)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum(), [x, *net.parameters()])
+    backbone, streamed_vjp = tilefn.streamify(net, 32, saliency=True)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x.detach()), y.detach(), rtol=1e-10, atol=1e-12)
+    param_grads, input_grad = streamed_vjp(x.detach(), g)
+    torch.testing.assert_close(input_grad, grads[0], rtol=1e-9, atol=1e-12)
+    for (name, _), ref in zip(net.named_parameters(), grads[1:]):
+        torch.testing.assert_close(param_grads[name], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_staged_model_with_two_outputs_and_a_skip_over_the_barrier():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm, self.b = conv(3, 8), nn.GroupNorm(4, 8), conv(8, 8, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            y = self.b(F.relu(self.norm(h)) + h)  # h jumps over the barrier
+            return {"fine": h * torch.sigmoid(h.mean((2, 3), keepdim=True)), "coarse": y}
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(*SHAPE, dtype=torch.float64)
+    backbone, _ = tilefn.streamify(net, 32)
+    out = backbone(x)
+    ref = net(x)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-10, atol=1e-12)
+    loss = sum((v * v).sum() for v in out.values())
+    loss.backward()
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    ref = net(x)
+    sum((v * v).sum() for v in ref.values()).backward()
+    for a, (name, p) in zip(got, net.named_parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_global_max_pooling_is_still_refused():
+    class MaxGate(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(F.adaptive_max_pool2d(x, 1))
+
+    net = nn.Sequential(conv(3, 4), MaxGate())
+    backbone, _ = tilefn.streamify(net, 32)
+    with pytest.raises(tilefn.UnsupportedLayerError, match="'1' \\(MaxGate\\)"):
+        backbone(torch.randn(1, 3, 64, 64))
+
+
+def test_float32_staged_forward_and_backward_are_close():
+    torch.manual_seed(0)
+    net = nn.Sequential(conv(3, 8), nn.GroupNorm(4, 8), nn.ReLU(), SqueezeExcite(8), conv(8, 4))
+    x = torch.randn(1, 3, 96, 80)
+    y = net(x)
+    y.square().sum().backward()
+    ref = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    backbone, _ = tilefn.streamify(net, 48)
+    out = backbone(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
+    for a, p in zip(ref, net.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,453 @@
+"""Staged streaming: models with whole-image ops (squeeze-excitation, image pooling,
+GroupNorm, InstanceNorm, BatchNorm with batch statistics), streamed exactly.
+
+The trace (with ``batch_stats`` given) finds the *barriers*: ops whose statistic spans every
+position of a map ``h_k``. Fix the statistics ``s_1..s_K`` and the model is local, so it
+streams as any other; each ``h_k`` is itself a local function of the image and of the
+statistics before it. So:
+
+- Forward: for ``k = 1..K``, stream the *prefix stage* ``k`` (the model stopped at barrier
+  ``k``, with ``s_1..s_{k-1}`` fixed) and reduce its output blocks into ``s_k`` as they come
+  (no map is stored; see :class:`~tilefn._global.Reduction`). Then stream the *main stage*
+  (the whole model, every statistic fixed).
+- Backward: the main stage's streamed vjp gives the parameter and input gradients with the
+  statistics held fixed, and the cotangents of the statistics (they are inputs of every
+  crop, like parameters, so the linearity argument covers them). Then for ``k = K..1``, the
+  prefix stage ``k``'s streamed vjp with the output ``phi_k(h_k)`` and cotangent one, where
+  ``phi_k`` (:func:`~tilefn._global.surrogate`) pulls the statistics' cotangents back to
+  ``h_k``, adds the rest: every parameter, the input and the statistics before ``k``.
+
+Every step is an exact streamed pass, so the result equals the plain model's. The cost is
+one streamed pass per barrier up to that barrier, forward and backward, on top of the
+model's own; memory stays that of one crop plus the statistics (bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._compat import share_registries
+from ._errors import PlanError, TransformError
+from ._execute import AutocastState, Executor, Kept, RngState
+from ._global import Barrier, GlobalCall, GlobalOps, Reduction, StopAtBarrier, surrogate
+from ._inputs import CropReader, ImageSource, TensorImage
+from ._options import StreamOptions
+from ._plan import TilePlan
+from ._planner import PlanCache
+from ._trace import Trace
+
+__all__ = ["StagedPlan", "StagedProgram", "StagedCall", "StagedFunction"]
+
+Values = list[tuple[torch.Tensor, ...]]
+
+
+class _Stage(nn.Module):
+    """``model`` with the statistics of its barriers given (``values``): the whole model
+    (``stop=None``) or the prefix that ends at barrier ``stop`` and returns the map that
+    barrier reads, or ``transform`` of it. It shares the model's parameters, buffers and
+    submodules (same names), so plans, ``functional_call`` and optimizers see the model."""
+
+    def __init__(self, model: nn.Module, calls: tuple[int | None, ...], stop: int | None):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+        share_registries(self, model)
+        self.global_calls = calls
+        self.stop = stop
+        object.__setattr__(self, "values", [])
+        object.__setattr__(self, "transform", None)
+
+    def _handle(self, position: int, call: GlobalCall, run) -> Any:
+        if position >= len(self.global_calls):
+            raise PlanError(
+                "streamify: the model ran more whole-image ops (means over positions, "
+                "normalisations) than when it was recorded: its forward depends on something "
+                "that changed. Please report this with the model."
+            )
+        k = self.global_calls[position]
+        if k is None:
+            return run()
+        if k == self.stop:
+            raise StopAtBarrier(call.input)
+        return call.apply(self.values[k])
+
+    def forward(self, x: torch.Tensor) -> Any:
+        try:
+            with GlobalOps(self._handle):
+                out = self._model(x)
+        except StopAtBarrier as stop:
+            h = stop.value
+            return h if self.transform is None else self.transform(h)
+        if self.stop is not None:
+            raise PlanError(
+                f"streamify: the model did not reach its whole-image op {self.stop}. Please "
+                "report this with the model."
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class StagedPlan:
+    """The plan of a model with whole-image ops: its barriers, and one :class:`TilePlan`
+    per stage (the prefix up to each barrier, then the whole model)."""
+
+    barriers: tuple[Barrier, ...]
+    prefixes: tuple[TilePlan, ...]
+    main: TilePlan
+
+    @property
+    def stages(self) -> tuple[TilePlan, ...]:
+        return (*self.prefixes, self.main)
+
+    @property
+    def n_tiles(self) -> int:
+        """Crops of one forward (all stages)."""
+        return sum(p.n_tiles for p in self.stages)
+
+    @property
+    def memory_estimate(self) -> int:
+        """The largest stage's estimate plus the statistics (stages run one at a time)."""
+        return max(p.memory_estimate for p in self.stages) + self.stat_bytes
+
+    @property
+    def stat_bytes(self) -> int:
+        return sum(b.stat_bytes for b in self.barriers)
+
+    @property
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.main.output_shapes
+
+    @property
+    def overlap(self) -> float:
+        """The main stage's overlap factor ``a`` (each prefix stage has its own, listed in
+        the printed plan)."""
+        return self.main.overlap
+
+    @property
+    def min_tile_size(self) -> tuple[int, ...]:
+        return tuple(max(s) for s in zip(*(p.min_tile_size for p in self.stages)))
+
+    @property
+    def alignment(self) -> tuple[int, ...]:
+        return self.main.alignment
+
+    def __str__(self) -> str:
+        lines = [
+            f"StagedPlan: {len(self.barriers)} whole-image op(s), each a barrier: the forward "
+            f"streams the model up to each barrier for its exact statistics "
+            f"({self.stat_bytes} bytes in all, no map stored), then the whole model; the "
+            "backward runs the stages in reverse."
+        ]
+        for k, (b, p) in enumerate(zip(self.barriers, self.prefixes)):
+            lines.append(
+                f"  barrier {k + 1}: {b.describe()}, map {tuple(b.shape)}: prefix stage "
+                f"{p.n_tiles} crops, overlap a = {p.overlap:.2f}"
+            )
+        lines.append("  main stage: " + str(self.main).replace("\n", "\n  "))
+        return "\n".join(lines)
+
+
+class StagedProgram:
+    """The stages of one model on one input shape, with their executors and plan caches."""
+
+    def __init__(self, model: nn.Module, found: Trace, options: StreamOptions):
+        if options.process_group is not None:
+            raise PlanError(
+                "streamify: process_group= is not supported for models with whole-image ops "
+                f"({found.barriers[0].describe()}) yet. Stream without a process group."
+            )
+        self.model = model
+        self.barriers = found.barriers
+        calls = found.global_calls
+        self.stages = [_Stage(model, calls, k) for k in range(len(self.barriers))]
+        self.stages.append(_Stage(model, calls, None))
+        self.executors = [Executor(s, options) for s in self.stages]
+        self._caches = [PlanCache() for _ in self.stages]
+
+    def plan(
+        self, shape: tuple[int, ...], tile_size: Any, dtype: torch.dtype, budget: int | None
+    ) -> tuple[StagedPlan, Trace]:
+        plans = []
+        main_trace = None
+        for stage, cache in zip(self.stages, self._caches):
+            stage.values = [b.placeholder("cpu") for b in self.barriers]
+            try:
+                plan_, trace_ = cache.get(stage, shape, tile_size, dtype, budget)
+            finally:
+                stage.values = []
+            plans.append(plan_)
+            main_trace = trace_
+        assert main_trace is not None
+        return StagedPlan(self.barriers, tuple(plans[:-1]), plans[-1]), main_trace
+
+    @torch.no_grad()
+    def statistics(
+        self,
+        source: ImageSource,
+        reader: CropReader,
+        plan: StagedPlan,
+        rng: RngState | None,
+        state: Mapping[str, torch.Tensor] | None,
+        update: bool,
+    ) -> Values:
+        """The exact statistics of every barrier, in order; with ``update``, BatchNorm
+        layers' running statistics are updated as the plain forward would."""
+        values: Values = []
+        for k, barrier in enumerate(self.barriers):
+            stage = self.stages[k]
+            stage.values, stage.transform = values, None
+            reduction = Reduction(barrier)
+            try:
+                self.executors[k].forward(
+                    source,
+                    reader,
+                    plan.prefixes[k],
+                    rng,
+                    state=state,
+                    sink=lambda o, dst, block, r=reduction: r.add(block),
+                )
+            finally:
+                stage.values = []
+            values.append(reduction.values())
+            if update and barrier.module is not None:
+                _update_running(self.model, barrier, reduction)
+        return values
+
+    def forward(
+        self,
+        source: ImageSource,
+        reader: CropReader,
+        plan: StagedPlan,
+        rng: RngState | None,
+        state: Mapping[str, torch.Tensor] | None,
+        keep: bool = False,
+        want_input: bool = False,
+    ) -> tuple[list[torch.Tensor], dict[int, Kept], Values]:
+        """The outputs, the main stage's kept crop graphs and the statistics used (leaves
+        that require grad when ``keep``, so that kept graphs reach them)."""
+        values = self.statistics(source, reader, plan, rng, state, update=True)
+        if keep:
+            values = [tuple(v.detach().requires_grad_() for v in vs) for vs in values]
+        main = self.stages[-1]
+        main.values = values
+        try:
+            outs, kept = self.executors[-1].forward(
+                source, reader, plan.main, rng, keep=keep, want_input=want_input, state=state
+            )
+        finally:
+            main.values = []
+        return outs, kept, values
+
+    def vjp(
+        self,
+        source: ImageSource,
+        reader: CropReader,
+        plan: StagedPlan,
+        cotangents: Sequence[torch.Tensor | None],
+        params: Sequence[torch.Tensor],
+        want_input: bool,
+        values: Values,
+        rng: RngState | None = None,
+        autocast: AutocastState | None = None,
+        kept: dict[int, Kept] | None = None,
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        """Parameter gradients and (with ``want_input``) the input gradient of
+        ``<cotangents, outputs>``, through every stage, given the forward's statistics."""
+        n = len(params)
+        # The forward's leaves where it made them (its kept crop graphs reach those).
+        values = [
+            tuple(v if v.requires_grad else v.detach().requires_grad_() for v in vs)
+            for vs in values
+        ]
+        main = self.stages[-1]
+        main.values = values
+        try:
+            got, input_grad = self.executors[-1].vjp(
+                source,
+                reader,
+                plan.main,
+                cotangents,
+                [*params, *_flat(values)],
+                want_input,
+                rng=rng,
+                autocast=autocast,
+                kept=kept,
+                state=state,
+            )
+        finally:
+            main.values = []
+        grads = list(got[:n])
+        stat_cots = _unflat(got[n:], values)
+        for k in reversed(range(len(self.barriers))):
+            cots = stat_cots[k]
+            if all(c is None for c in cots):
+                continue  # the outputs do not depend on this statistic
+            barrier = self.barriers[k]
+            before = [tuple(v.detach().requires_grad_() for v in vs) for vs in values[:k]]
+            stage = self.stages[k]
+            stage.values = before
+            stage.transform = surrogate(barrier, values[k], cots)
+            out_shape = plan.prefixes[k].output_shapes[0]
+            dtype = values[k][0].dtype
+            ones = torch.ones((), dtype=dtype, device=reader.device).expand(out_shape)
+            try:
+                got, ig = self.executors[k].vjp(
+                    source,
+                    reader,
+                    plan.prefixes[k],
+                    [ones],
+                    [*params, *_flat(before)],
+                    want_input,
+                    rng=rng,
+                    autocast=autocast,
+                    state=state,
+                )
+            finally:
+                stage.values, stage.transform = [], None
+            _add(grads, got[:n])
+            for j, cs in enumerate(_unflat(got[n:], before)):
+                stat_cots[j] = tuple(_sum(a, b) for a, b in zip(stat_cots[j], cs))
+            if ig is not None:
+                input_grad = ig if input_grad is None else input_grad.add_(ig)
+        return grads, input_grad
+
+
+def _flat(values: Values) -> list[torch.Tensor]:
+    return [v for vs in values for v in vs]
+
+
+def _unflat(flat: Sequence[torch.Tensor | None], like: Values) -> list[tuple]:
+    out, pos = [], 0
+    for vs in like:
+        out.append(tuple(flat[pos : pos + len(vs)]))
+        pos += len(vs)
+    return out
+
+
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _add(grads: list, got: Sequence[torch.Tensor | None]) -> None:
+    for k, g in enumerate(got):
+        if g is not None:
+            grads[k] = g if grads[k] is None else grads[k] + g
+
+
+def _update_running(model: nn.Module, barrier: Barrier, reduction: Reduction) -> None:
+    """What a train-mode BatchNorm's forward does to its buffers, once, with the exact batch
+    statistics: count the step, and move the running statistics towards the batch mean
+    and the unbiased batch variance by the momentum (or the cumulative 1/steps)."""
+    assert barrier.module is not None
+    bn = model.get_submodule(barrier.module)
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    mean = reduction.total.reshape(-1)  # type: ignore[union-attr]
+    var = reduction.unbiased_var().reshape(-1)
+    for buf, stat in ((bn.running_mean, mean), (bn.running_var, var)):
+        buf.copy_((buf.to(torch.float64) * (1 - f) + stat * f).to(buf.dtype))
+
+
+@dataclass
+class StagedCall:
+    """Everything a staged forward needs besides its tensor inputs."""
+
+    program: StagedProgram
+    plan: StagedPlan
+    source: ImageSource
+    reader: CropReader
+    names: Sequence[str]
+    frozen: dict[str, torch.Tensor]
+    rng: RngState | None
+
+    def state(self, params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**self.frozen, **dict(zip(self.names, params))}
+
+
+class _Saved:
+    """A non-tensor output of the forward: the statistics and the kept crop graphs."""
+
+    def __init__(self, values: Values, kept: dict[int, Kept]):
+        self.values, self.kept = values, kept
+
+
+class StagedFunction(torch.autograd.Function):
+    """As :class:`~tilefn._autograd.StreamedFunction`, through every stage."""
+
+    @staticmethod
+    def forward(call: StagedCall, x: torch.Tensor | None, *params: torch.Tensor) -> tuple:
+        source = call.source if x is None else TensorImage(x)
+        want_input = x is not None and x.requires_grad
+        keep = all(p.requires_grad for p in params)
+        outs, kept, values = call.program.forward(
+            source,
+            call.reader,
+            call.plan,
+            call.rng,
+            call.state(params),
+            keep=keep,
+            want_input=want_input,
+        )
+        return (*outs, _Saved(values, kept))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        call, x, *params = inputs
+        ctx.call = call
+        ctx.saved = output[-1]
+        ctx.autocast = AutocastState.capture(call.reader.device.type)
+        ctx.tensor_input = x is not None
+        ctx.save_for_backward(*([x] if x is not None else []), *params)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: torch.Tensor | None) -> tuple:
+        call: StagedCall = ctx.call
+        saved = ctx.saved_tensors
+        x, params = (saved[0], saved[1:]) if ctx.tensor_input else (None, saved)
+        source = call.source if x is None else TensorImage(x)
+        want_input = ctx.needs_input_grad[1]
+        wanted = [k for k in range(len(params)) if ctx.needs_input_grad[2 + k]]
+        kept, ctx.saved.kept = ctx.saved.kept, {}
+        values = ctx.saved.values
+        grads, input_grad = call.program.vjp(
+            source,
+            call.reader,
+            call.plan,
+            cotangents[:-1],
+            [params[k] for k in wanted],
+            want_input,
+            values,
+            rng=call.rng,
+            autocast=ctx.autocast,
+            kept=kept,
+            state=call.state(params),
+        )
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        for k, g in zip(wanted, grads):
+            param_grads[k] = g
+        if torch.is_grad_enabled():
+            raise TransformError(
+                "streamify: double backward (create_graph=True) through a streamed backbone "
+                "with whole-image ops is not supported. Compute second-order terms on the head "
+                "only."
+            )
+        return (None, input_grad, *param_grads)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise TransformError(
+            "streamify: forward-mode differentiation (torch.func.jvp) through a streamed "
+            "backbone is not supported. Use reverse mode (loss.backward(), torch.func.grad "
+            "or torch.func.vjp), which is exact."
+        )
