@@ -247,8 +247,11 @@ def row(library: str, family: str, network: str, build, exact_in: str) -> str:
             except tilefn.TilefnError as e:
                 return f"| {library} | {family} | {network} | refused: {_first_sentence(str(e))} | | | |"
             return f"| {library} | {family} | {network} | streams | {minimum} | tile {TILE} is below it | {exact_in} |"
+        result = "streams"
+        if isinstance(plan, tilefn.StagedPlan):
+            result = f"streams, staged ({len(plan.barriers)} barriers)"
         return (
-            f"| {library} | {family} | {network} | streams | {max(plan.min_tile_size)} | "
+            f"| {library} | {family} | {network} | {result} | {max(plan.min_tile_size)} | "
             f"{plan.overlap:.2f} | {exact_in} |"
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,17 @@ def test_prefetch_benchmark_tiny():
     )  # fmt: skip
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "| forward |" in proc.stdout and "| train step |" in proc.stdout, proc.stdout
+
+
+def test_stage_cuts_benchmark_tiny():
+    """benchmarks/stage_cuts.py end to end on a small image: every configuration runs in its
+    own process and gives the same gradient."""
+    script = ROOT / "benchmarks" / "stage_cuts.py"
+    proc = run_script(
+        script, "--size", "512", "--tile", "512", "--threads", "1",
+        timeout=600, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "tilefn, cuts, budget" in proc.stdout and "x plain" in proc.stdout, proc.stdout
+    norms = [float(v) for v in re.findall(r"'grad_norm': ([0-9.e+-]+)", proc.stdout)]
+    assert len(norms) == 5 and max(norms) - min(norms) < 1e-3 * max(norms), proc.stdout

@@ -6,7 +6,11 @@ the context of the call.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -17,13 +21,13 @@ from torch.nn.parameter import is_lazy
 from ._autograd import StreamedCall, StreamedFunction
 from ._compat import share_registries, tree_flatten, tree_unflatten
 from ._constant import PassStats
-from ._errors import InputError, InputTypeError, UnsupportedLayerError
+from ._errors import InputError, InputTypeError, OptionError, UnsupportedLayerError
 from ._execute import Executor, RngState, model_state
 from ._inputs import CropReader, ImageSource, as_source, check_shape, model_dtype
 from ._options import StreamOptions, canonical_tile, check_budget, check_tile_option
 from ._plan import TilePlan
 from ._planner import PlanCache, auto_plan, make_plan, model_fingerprint
-from ._staged import StagedCall, StagedFunction, StagedPlan, StagedProgram
+from ._staged import SegmentedPlan, StagedCall, StagedFunction, StagedPlan, StagedProgram
 from ._trace import Trace, trace
 
 __all__ = ["Streamed", "StreamedBackbone", "streamify", "plan"]
@@ -109,6 +113,9 @@ class StreamedBackbone(nn.Module):
         self._plans = PlanCache()
         self._programs: dict = {}  # (shape, dtype, fingerprint) -> StagedProgram or None
         self._shown: set[int] = set()  # plans already printed or warned about
+        self._segments: dict = {}  # (shape, dtype) -> (cuts, segment backbones, map bytes)
+        if options.cut_at is not None:
+            _check_cuts(model, options.cut_at)
 
     @property
     def model(self) -> nn.Module:
@@ -148,9 +155,56 @@ class StreamedBackbone(nn.Module):
         whole-image ops, a :class:`StagedPlan` with one plan per stage."""
         if isinstance(shape_or_input, (tuple, list, torch.Size)):
             shape = check_shape(tuple(shape_or_input), "plan")
-            return self._plan(shape, model_dtype(self._model))[0]
-        source, reader = self._source(shape_or_input)
-        return self._plan(tuple(source.shape), reader.dtype)[0]
+            dtype = model_dtype(self._model)
+        else:
+            source, reader = self._source(shape_or_input)
+            shape, dtype = tuple(source.shape), reader.dtype
+        if self.options.cut_at is not None:
+            cuts, segments, map_bytes = self._segmented(shape, dtype)
+            plans, seg_shape = [], shape
+            for seg in segments:
+                plans.append(seg.plan(seg_shape))
+                seg_shape = plans[-1].output_shapes[0]
+            return SegmentedPlan(tuple(cuts), tuple(plans), map_bytes)  # type: ignore[return-value]
+        return self._plan(shape, dtype)[0]
+
+    def _segmented(self, shape: tuple[int, ...], dtype: torch.dtype):
+        """The segments of a trunk with stage cuts on this input shape: the cut names, one
+        backbone per segment (tile scaled by the stride at its cut; budget shared), and the
+        bytes of the stored maps between them."""
+        key = (shape, dtype, model_fingerprint(self._model))
+        if key not in self._segments:
+            inputs = _child_inputs(self._model, shape, dtype)
+            cuts = _choose_cuts(self._model, self.options.cut_at, inputs, shape)
+            names = list(self._model._modules)
+            starts = [0] + [names.index(c) for c in cuts] + [len(names)]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            map_bytes = sum(math.prod(inputs[c]) * itemsize for c in cuts)
+            budget = self.options.memory_budget
+            share = None
+            if budget is not None:
+                share = max(int((budget - 2 * map_bytes) / (len(starts) - 1)), 1)
+            segments = []
+            for k in range(len(starts) - 1):
+                part = names[starts[k] : starts[k + 1]]
+                module = nn.Sequential(OrderedDict((n, self._model._modules[n]) for n in part))
+                module.training = self._model.training  # the container's own flag only
+                in_shape = shape if k == 0 else inputs[part[0]]
+                tile = self.tile_size
+                if k > 0 and tile != "auto":
+                    tiles = (tile,) * (len(shape) - 2) if isinstance(tile, int) else tile
+                    tile = tuple(
+                        max(1, t * m // n) for t, m, n in zip(tiles, in_shape[2:], shape[2:])
+                    )
+                opts = dataclasses.replace(
+                    self.options,
+                    cut_at=None,
+                    memory_budget=share,
+                    normalize=self.options.normalize if k == 0 else None,
+                )
+                segments.append(StreamedBackbone(module, tile, opts))
+            self._segments[key] = (cuts, segments, map_bytes)
+        return self._segments[key]
 
     def _program(self, shape: tuple[int, ...], dtype: torch.dtype) -> StagedProgram | None:
         """The stages of the model on this input shape, or None if it has no whole-image
@@ -194,6 +248,11 @@ class StreamedBackbone(nn.Module):
     @torch.compiler.disable
     def forward(self, x: Any) -> Any:
         source, reader = self._source(x)
+        if self.options.cut_at is not None:
+            _, segments, _ = self._segmented(tuple(source.shape), reader.dtype)
+            for seg in segments:
+                x = seg(x)
+            return x
         plan_, trace_ = self._plan(tuple(source.shape), reader.dtype)
         state = model_state(self._model)  # what the model computes with now
         names = [n for n, p in self._model.named_parameters() if p.requires_grad]
@@ -247,6 +306,8 @@ class StreamedBackbone(nn.Module):
 
     def vjp(self, x: Any, cotangent: Any, *, saliency: bool) -> tuple[dict, torch.Tensor | None]:
         """``(param_grads, input_grad)`` of ``<cotangent, model(x)>``, tile by tile."""
+        if self.options.cut_at is not None:
+            return self._segmented_vjp(x, cotangent, saliency)
         source, reader = self._source(x)
         plan_, trace_ = self._plan(tuple(source.shape), reader.dtype)
         cots, spec = tree_flatten(cotangent)
@@ -291,6 +352,32 @@ class StreamedBackbone(nn.Module):
         }
         return param_grads, input_grad
 
+    def _segmented_vjp(self, x: Any, cotangent: Any, saliency: bool):
+        """The vjp through the segments: their streamed forwards under autograd, and one
+        backward through the chain (each segment's node backpropagates into its input map)."""
+        named = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
+        source, _ = self._source(x)
+        tensor = source.tensor
+        with torch.enable_grad():
+            xin = x
+            if saliency and tensor is not None:
+                xin = tensor.detach().requires_grad_()
+            out = self.forward(xin)
+            leaves, spec = tree_flatten(out)
+            cots, cot_spec = tree_flatten(cotangent)
+            if cot_spec != spec:
+                raise InputTypeError(
+                    f"streamed_vjp: the cotangent must have the structure of the model's output "
+                    f"({spec}), got {cot_spec}."
+                )
+            wrt = [p for _, p in named] + ([xin] if xin is not x else [])
+            got = torch.autograd.grad(leaves, wrt, cots, allow_unused=True)
+        param_grads = {
+            n: (g if g is not None else torch.zeros_like(p))
+            for (n, p), g in zip(named, got[: len(named)])
+        }
+        return param_grads, (got[-1] if xin is not x else None)
+
     def _staged_vjp(self, plan_, source, reader, cots, named, saliency):
         program = self._program(tuple(source.shape), reader.dtype)
         assert program is not None
@@ -307,6 +394,57 @@ class StreamedBackbone(nn.Module):
         finally:
             if saved is not None:
                 saved.restore()
+
+
+def _check_cuts(model: nn.Module, cut_at: Any) -> None:
+    if not isinstance(model, nn.Sequential):
+        raise OptionError(
+            f"streamify: cut_at needs an nn.Sequential trunk (the cuts go between its "
+            f"children), got a {type(model).__name__}. Build the trunk as nn.Sequential, or "
+            "leave cut_at=None."
+        )
+    if cut_at == "auto":
+        return
+    names = list(model._modules)
+    unknown = [c for c in cut_at if c not in names]
+    if unknown or not cut_at:
+        raise OptionError(
+            f"streamify: cut_at names children of the trunk; {unknown or '[]'} are not among "
+            f"them ({', '.join(names)})."
+        )
+    order = [names.index(c) for c in cut_at]
+    if order != sorted(set(order)) or order[0] == 0:
+        raise OptionError(
+            "streamify: cut_at must name distinct children in the order the trunk runs them, "
+            f"not its first child, got {list(cut_at)}."
+        )
+
+
+def _child_inputs(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> dict:
+    """The input shape of every child of a Sequential trunk, from one run on meta tensors."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    meta = copy.deepcopy(model).to("meta")
+    with torch.no_grad():
+        for name, child in meta._modules.items():
+            shapes[name] = tuple(x.shape)
+            x = child(x)
+    return shapes
+
+
+def _choose_cuts(model, cut_at, inputs: dict, shape: tuple[int, ...]) -> list[str]:
+    if cut_at != "auto":
+        return list(cut_at)
+    cuts, last = [], tuple(shape[2:])
+    image = math.prod(shape)
+    for k, (name, child) in enumerate(model._modules.items()):
+        size = inputs[name]
+        if k == 0 or tuple(size[2:]) == last or next(child.parameters(), None) is None:
+            continue
+        if math.prod(size) <= 2 * image:
+            cuts.append(name)
+            last = tuple(size[2:])
+    return cuts
 
 
 def _check_initialised(model: nn.Module) -> None:
@@ -371,6 +509,9 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
             - ``batchnorm`` (``"running"`` or ``"batch"``): train-mode BatchNorm uses
               running statistics (default) or exact whole-image batch statistics (staged
               streaming), updating the running statistics as the plain model does.
+            - ``cut_at`` (``None``, ``"auto"`` or child names): stage cuts for an
+              ``nn.Sequential`` trunk; each segment streams over its predecessor's stored
+              map with its own, smaller receptive field (faster; see the docs' "Stage cuts").
 
     Returns:
         ``Streamed(backbone, vjp)``. ``backbone(x)`` returns ``model(x)``'s structure and,

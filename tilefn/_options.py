@@ -74,6 +74,15 @@ class StreamOptions:
             streaming (one streamed pass up to it for its statistics; see the docs' "Staged
             streaming"), so training costs grow with the number of layers. Layers in eval
             mode always use their running statistics.
+        cut_at: Stage cuts for an ``nn.Sequential`` trunk: the names of the children at
+            which a new segment starts, or ``"auto"``. Each segment is streamed on its own,
+            over the stored map its predecessor returns (held in memory, with its gradient
+            in the backward), with a tile of the same image area (``tile_size`` divided by
+            the stride at the cut) and its own, smaller receptive field, so the crops overlap
+            less. ``"auto"`` cuts before the first child with parameters at each new
+            resolution whose input map is at most twice the input image's size (for a
+            ResNet trunk: ``layer1``, ``layer3``, ``layer4``). ``memory_budget`` is shared
+            among the segments after the stored maps. ``None`` (the default): no cuts.
 
     Example:
         >>> import tilefn
@@ -97,6 +106,7 @@ class StreamOptions:
     skip_constant: bool = True
     prefetch: int | None = None
     batchnorm: str = "running"
+    cut_at: Any = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -136,6 +146,14 @@ class StreamOptions:
             raise OptionError(
                 f"streamify: batchnorm must be 'running' or 'batch', got {self.batchnorm!r}."
             )
+        cut_at = self.cut_at
+        if cut_at is not None and cut_at != "auto":
+            if isinstance(cut_at, str) or not all(isinstance(c, str) for c in cut_at):
+                raise OptionError(
+                    "streamify: cut_at must be None, 'auto' or a list of names of the "
+                    f"children of an nn.Sequential trunk, got {cut_at!r}."
+                )
+            set_("cut_at", tuple(cut_at))
         _check_group(self.process_group)
 
 

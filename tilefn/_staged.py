@@ -41,7 +41,7 @@ from ._plan import TilePlan
 from ._planner import PlanCache
 from ._trace import Trace
 
-__all__ = ["StagedPlan", "StagedProgram", "StagedCall", "StagedFunction"]
+__all__ = ["SegmentedPlan", "StagedPlan", "StagedProgram", "StagedCall", "StagedFunction"]
 
 Values = list[tuple[torch.Tensor, ...]]
 
@@ -148,6 +148,44 @@ class StagedPlan:
                 f"{p.n_tiles} crops, overlap a = {p.overlap:.2f}"
             )
         lines.append("  main stage: " + str(self.main).replace("\n", "\n  "))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SegmentedPlan:
+    """The plan of a trunk cut into segments (option ``cut_at``): each segment streams over
+    the stored map its predecessor returns, with its own plan (a :class:`TilePlan`, or a
+    :class:`StagedPlan` for a segment with whole-image ops)."""
+
+    cuts: tuple[str, ...]  # the child that starts each segment after the first
+    segments: tuple[TilePlan | StagedPlan, ...]
+    map_bytes: int  # the stored maps between segments (and as much again for their gradients)
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(p.n_tiles for p in self.segments)
+
+    @property
+    def memory_estimate(self) -> int:
+        """The largest segment's estimate, plus the stored maps and their gradients."""
+        return max(p.memory_estimate for p in self.segments) + 2 * self.map_bytes
+
+    @property
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.segments[-1].output_shapes
+
+    @property
+    def uses_rng(self) -> bool:
+        return any(getattr(p, "uses_rng", False) for p in self.segments)
+
+    def __str__(self) -> str:
+        lines = [
+            f"SegmentedPlan: {len(self.segments)} segments, cut before "
+            f"{', '.join(repr(c) for c in self.cuts)}; stored maps {self.map_bytes / 2**20:.1f} "
+            "MiB (and their gradients in the backward)"
+        ]
+        for k, p in enumerate(self.segments):
+            lines.append(f"  segment {k + 1}: " + str(p).replace("\n", "\n  "))
         return "\n".join(lines)
 
 

@@ -96,7 +96,7 @@ class StreamedModule(pl.LightningModule):
             :func:`tilefn.streamify`, each documented in full by :class:`tilefn.StreamOptions`:
             ``saliency``, ``verbose``, ``deterministic``, ``normalize``, ``device``,
             ``memory_budget``, ``channels_last``, ``crop_batch``, ``process_group``,
-            ``skip_constant``, ``prefetch`` and ``batchnorm``.
+            ``skip_constant``, ``prefetch``, ``batchnorm`` and ``cut_at``.
 
     Batches are ``(image, target)`` pairs; override :meth:`unpack_batch` for other layouts.
     Subclasses that override :meth:`train`, :meth:`on_before_optimizer_step` or

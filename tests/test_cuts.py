@@ -1,0 +1,65 @@
+"""Stage cuts (option ``cut_at``): a Sequential trunk streamed segment by segment over the
+stored maps between them, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import tilefn
+import tilefn.testing
+from tilefn._staged import SegmentedPlan, StagedPlan
+
+
+def resnet18_trunk() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    return nn.Sequential(*list(model.children())[:-2]).double().eval()
+
+
+@pytest.mark.parametrize("cut_at", ["auto", ("6",)])
+def test_cut_trunk_streams_exactly(cut_at):
+    trunk = resnet18_trunk()[:7]  # conv1 ... layer3
+    x = torch.randn(1, 3, 512, 480, dtype=torch.float64)
+    tilefn.testing.assert_streams_like(trunk, x, 256, cut_at=cut_at)
+    backbone, _ = tilefn.streamify(trunk, 256, cut_at=cut_at)
+    plan = backbone.plan(x.shape)
+    assert isinstance(plan, SegmentedPlan)
+    assert plan.cuts == (("4", "6") if cut_at == "auto" else cut_at)
+    # Each segment's tile covers the same image area: 256 px at stride 4 is 64.
+    stride = 512 // plan.segments[1].input_shape[2]
+    assert plan.segments[1].tile_size == (256 // stride, 256 // stride)
+    maps = {"4": 64 * 128 * 120, "6": 128 * 64 * 60, "7": 256 * 32 * 30}  # float64 maps
+    assert plan.map_bytes == sum(maps[c] for c in plan.cuts) * 8
+    assert "SegmentedPlan: " in str(plan)
+
+
+def test_a_segment_with_whole_image_ops_is_staged():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1),
+    ).double()
+    x = torch.randn(2, 3, 96, 80, dtype=torch.float64)
+    tilefn.testing.assert_streams_like(net, x, 48, cut_at=["2"])
+    plan = tilefn.streamify(net, 48, cut_at=["2"])[0].plan(x.shape)
+    assert isinstance(plan.segments[0], StagedPlan) and not isinstance(plan.segments[1], StagedPlan)
+
+
+def test_bad_cuts_are_refused():
+    trunk = resnet18_trunk()
+    with pytest.raises(tilefn.OptionError, match="not among them"):
+        tilefn.streamify(trunk, 512, cut_at=["layer9"])
+    with pytest.raises(tilefn.OptionError, match="not its first child"):
+        tilefn.streamify(trunk, 512, cut_at=["0"])
+    with pytest.raises(tilefn.OptionError, match="in the order the trunk runs them"):
+        tilefn.streamify(trunk, 512, cut_at=["6", "4"])
+    with pytest.raises(tilefn.OptionError, match="needs an nn.Sequential trunk"):
+        tilefn.streamify(torchvision.models.resnet18(weights=None), 512, cut_at="auto")
+    with pytest.raises(tilefn.OptionError, match="cut_at must be None, 'auto' or a list"):
+        tilefn.streamify(trunk, 512, cut_at="layer1")
