@@ -170,7 +170,7 @@ NETWORKS: list[tuple[str, str, str, Callable[[], torch.nn.Module], str]] = [
         "UNet",
         "UNet (default norm)",
         _monai("UNet", **MONAI_2D, channels=(16, 32, 64), strides=(2, 2)),
-        "",
+        "test_staged (smaller config)",
     ),
     (
         "MONAI",
@@ -179,7 +179,7 @@ NETWORKS: list[tuple[str, str, str, Callable[[], torch.nn.Module], str]] = [
         _monai("UNet", **MONAI_2D, channels=(16, 32, 64), strides=(2, 2), norm="batch"),
         "test_libraries",
     ),
-    ("MONAI", "BasicUNet", "BasicUNet", _monai("BasicUNet", **MONAI_2D), ""),
+    ("MONAI", "BasicUNet", "BasicUNet", _monai("BasicUNet", **MONAI_2D), "test_staged (slow)"),
     (
         "MONAI",
         "DynUNet",
@@ -191,16 +191,22 @@ NETWORKS: list[tuple[str, str, str, Callable[[], torch.nn.Module], str]] = [
             strides=[1, 2, 2],
             upsample_kernel_size=[2, 2],
         ),
-        "",
+        "test_staged (smaller config)",
     ),
     (
         "MONAI",
         "AttentionUnet",
         "AttentionUnet",
         _monai("AttentionUnet", **MONAI_2D, channels=(16, 32, 64), strides=(2, 2)),
-        "",
+        "test_staged (smaller config)",
     ),
-    ("MONAI", "SegResNet", "SegResNet", _monai("SegResNet", **MONAI_2D), ""),
+    (
+        "MONAI",
+        "SegResNet",
+        "SegResNet",
+        _monai("SegResNet", **MONAI_2D),
+        "test_staged (smaller config)",
+    ),
     ("torchvision", "ResNet", "resnet50 (split trunk)", _tv_trunk("resnet50"), "test_zoo"),
     (
         "torchvision",

@@ -353,3 +353,40 @@ def test_resnet18_with_batch_statistics_streams_exactly():
     trunk = nn.Sequential(*list(model.children())[:-2]).train()
     plan = check_exact(trunk, (2, 3, 512, 480), 448, rtol=1e-8, batchnorm="batch")
     assert len(plan.barriers) == 20
+
+
+def test_timm_squeeze_excitation_and_group_norm_layers_stream_exactly():
+    """timm's own blocks, as its EfficientNets, RegNetYs and GroupNorm models use them."""
+    timm_layers = pytest.importorskip("timm.layers")
+    from timm.models._efficientnet_blocks import SqueezeExcite as EffSE
+
+    net = nn.Sequential(
+        conv(3, 8),
+        timm_layers.GroupNormAct(8, num_groups=4),
+        timm_layers.SEModule(8, rd_ratio=0.5),
+        conv(8, 8, 2),
+        EffSE(8, rd_ratio=0.5),
+        timm_layers.EffectiveSEModule(8),
+        timm_layers.GroupNorm1(8),
+        conv(8, 4),
+    )
+    plan = check_exact(net, SHAPE, 32)
+    assert len(plan.barriers) == 5
+
+
+def test_staged_model_under_functional_call_and_torch_func_grad():
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    net = nn.Sequential(conv(3, 8), nn.GroupNorm(2, 8), SqueezeExcite(8), conv(8, 4)).double()
+    x = torch.randn(1, 3, 64, 56, dtype=torch.float64)
+    backbone, _ = tilefn.streamify(net, 32)
+    params = {n: p.detach().clone() * 1.1 for n, p in net.named_parameters()}
+
+    def loss(p, model):
+        return functional_call(model, p, (x,)).square().sum()
+
+    expected = grad(loss)(params, net)
+    got = grad(loss)(params, backbone)
+    for name in params:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)

@@ -14,7 +14,7 @@ from ._options import StreamOptions
 from ._plan import Crop, Span, TilePlan
 from ._rules import register_rule
 from ._split import split
-from ._staged import StagedPlan
+from ._staged import SegmentedPlan, StagedPlan
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "collate",
     "TilePlan",
     "StagedPlan",
+    "SegmentedPlan",
     "Crop",
     "Span",
     *_errors.__all__,

@@ -9,6 +9,7 @@ breaks exactly one file, and ``tests/test_compat.py`` says which name moved.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "is_view",
     "share_registries",
     "outside_functorch",
+    "requires_grad_allowed",
     "module_hooks",
 ]
 
@@ -87,6 +89,19 @@ def outside_functorch() -> Any:
     do not see the ops run inside: for recording a model on meta tensors while a transform
     of the streamed backbone runs."""
     return torch._C._DisableFuncTorch()
+
+
+@contextlib.contextmanager
+def requires_grad_allowed() -> Any:
+    """Allow ``requires_grad_()`` on fresh leaves while a torch.func transform runs (the
+    backward of a streamed node under ``torch.func.grad`` makes leaves of its own)."""
+    fc = torch._C._functorch
+    previous = fc.get_inplace_requires_grad_allowed()
+    fc.set_inplace_requires_grad_allowed(True)
+    try:
+        yield
+    finally:
+        fc.set_inplace_requires_grad_allowed(previous)
 
 
 def module_hooks(module: nn.Module) -> tuple[int, ...]:

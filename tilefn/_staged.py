@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import share_registries
+from ._autograd import _FirstOrderOnly
+from ._compat import requires_grad_allowed, share_registries
 from ._errors import PlanError, TransformError
 from ._execute import AutocastState, Executor, Kept, RngState
 from ._global import Barrier, GlobalCall, GlobalOps, Reduction, StopAtBarrier, surrogate
@@ -269,7 +270,7 @@ class StagedProgram:
         that require grad when ``keep``, so that kept graphs reach them)."""
         values = self.statistics(source, reader, plan, rng, state, update=True)
         if keep:
-            values = [tuple(v.detach().requires_grad_() for v in vs) for vs in values]
+            values = [tuple(_leaf(v) for v in vs) for vs in values]
         main = self.stages[-1]
         main.values = values
         try:
@@ -298,10 +299,7 @@ class StagedProgram:
         ``<cotangents, outputs>``, through every stage, given the forward's statistics."""
         n = len(params)
         # The forward's leaves where it made them (its kept crop graphs reach those).
-        values = [
-            tuple(v if v.requires_grad else v.detach().requires_grad_() for v in vs)
-            for vs in values
-        ]
+        values = [tuple(v if v.requires_grad else _leaf(v) for v in vs) for vs in values]
         main = self.stages[-1]
         main.values = values
         try:
@@ -326,7 +324,7 @@ class StagedProgram:
             if all(c is None for c in cots):
                 continue  # the outputs do not depend on this statistic
             barrier = self.barriers[k]
-            before = [tuple(v.detach().requires_grad_() for v in vs) for vs in values[:k]]
+            before = [tuple(_leaf(v) for v in vs) for vs in values[:k]]
             stage = self.stages[k]
             stage.values = before
             stage.transform = surrogate(barrier, values[k], cots)
@@ -353,6 +351,13 @@ class StagedProgram:
             if ig is not None:
                 input_grad = ig if input_grad is None else input_grad.add_(ig)
         return grads, input_grad
+
+
+def _leaf(v: torch.Tensor) -> torch.Tensor:
+    """A statistic as a leaf to differentiate by (also inside a torch.func transform, whose
+    backward runs here on plain tensors: the leaf is made outside of it)."""
+    with requires_grad_allowed():
+        return v.detach().requires_grad_()
 
 
 def _flat(values: Values) -> list[torch.Tensor]:
@@ -474,13 +479,12 @@ class StagedFunction(torch.autograd.Function):
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         for k, g in zip(wanted, grads):
             param_grads[k] = g
-        if torch.is_grad_enabled():
-            raise TransformError(
-                "streamify: double backward (create_graph=True) through a streamed backbone "
-                "with whole-image ops is not supported. Compute second-order terms on the head "
-                "only."
+        results = (input_grad, *param_grads)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must not be differentiated
+            results = tuple(
+                _FirstOrderOnly.apply(g, *params) if g is not None else None for g in results
             )
-        return (None, input_grad, *param_grads)
+        return (None, *results)
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
