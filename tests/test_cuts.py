@@ -61,5 +61,9 @@ def test_bad_cuts_are_refused():
         tilefn.streamify(trunk, 512, cut_at=["6", "4"])
     with pytest.raises(tilefn.OptionError, match="needs an nn.Sequential trunk"):
         tilefn.streamify(torchvision.models.resnet18(weights=None), 512, cut_at="auto")
+    relu = nn.ReLU()
+    shared = nn.Sequential(nn.Conv2d(3, 4, 3), relu, nn.Conv2d(4, 4, 3), relu)
+    with pytest.raises(tilefn.OptionError, match="one module appears twice"):
+        tilefn.streamify(shared, 64, cut_at="auto")
     with pytest.raises(tilefn.OptionError, match="cut_at must be None, 'auto' or a list"):
         tilefn.streamify(trunk, 512, cut_at="layer1")

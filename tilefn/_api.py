@@ -176,7 +176,8 @@ class StreamedBackbone(nn.Module):
         if key not in self._segments:
             inputs = _child_inputs(self._model, shape, dtype)
             cuts = _choose_cuts(self._model, self.options.cut_at, inputs, shape)
-            names = list(self._model._modules)
+            children = dict(self._model.named_children())
+            names = list(children)
             starts = [0] + [names.index(c) for c in cuts] + [len(names)]
             itemsize = torch.empty((), dtype=dtype).element_size()
             map_bytes = sum(math.prod(inputs[c]) * itemsize for c in cuts)
@@ -187,7 +188,7 @@ class StreamedBackbone(nn.Module):
             segments = []
             for k in range(len(starts) - 1):
                 part = names[starts[k] : starts[k + 1]]
-                module = nn.Sequential(OrderedDict((n, self._model._modules[n]) for n in part))
+                module = nn.Sequential(OrderedDict((n, children[n]) for n in part))
                 module.training = self._model.training  # the container's own flag only
                 in_shape = shape if k == 0 else inputs[part[0]]
                 tile = self.tile_size
@@ -403,9 +404,15 @@ def _check_cuts(model: nn.Module, cut_at: Any) -> None:
             f"children), got a {type(model).__name__}. Build the trunk as nn.Sequential, or "
             "leave cut_at=None."
         )
+    names = [n for n, _ in model.named_children()]
+    if len(names) != len(model):
+        raise OptionError(
+            "streamify: cut_at needs every child of the Sequential trunk to be a distinct "
+            "module, but one module appears twice; give each position its own module (e.g. "
+            "a new nn.ReLU()), or leave cut_at=None."
+        )
     if cut_at == "auto":
         return
-    names = list(model._modules)
     unknown = [c for c in cut_at if c not in names]
     if unknown or not cut_at:
         raise OptionError(
@@ -426,7 +433,7 @@ def _child_inputs(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) 
     x = torch.empty(shape, device="meta", dtype=dtype)
     meta = copy.deepcopy(model).to("meta")
     with torch.no_grad():
-        for name, child in meta._modules.items():
+        for name, child in meta.named_children():
             shapes[name] = tuple(x.shape)
             x = child(x)
     return shapes
@@ -437,7 +444,7 @@ def _choose_cuts(model, cut_at, inputs: dict, shape: tuple[int, ...]) -> list[st
         return list(cut_at)
     cuts, last = [], tuple(shape[2:])
     image = math.prod(shape)
-    for k, (name, child) in enumerate(model._modules.items()):
+    for k, (name, child) in enumerate(model.named_children()):
         size = inputs[name]
         if k == 0 or tuple(size[2:]) == last or next(child.parameters(), None) is None:
             continue
