@@ -27,7 +27,7 @@ from ._inputs import CropReader, ImageSource, as_source, check_shape, model_dtyp
 from ._options import StreamOptions, canonical_tile, check_budget, check_tile_option
 from ._plan import TilePlan
 from ._planner import PlanCache, auto_plan, make_plan, model_fingerprint
-from ._staged import SegmentedPlan, StagedCall, StagedFunction, StagedPlan, StagedProgram
+from ._staged import SegmentedPlan, StagedKept, StagedPlan, StagedProgram
 from ._trace import Trace, trace
 
 __all__ = ["Streamed", "StreamedBackbone", "streamify", "plan"]
@@ -260,14 +260,12 @@ class StreamedBackbone(nn.Module):
         trained = set(names)
         tensor = source.tensor
         x_grad = tensor is not None and tensor.requires_grad
-        if isinstance(plan_, StagedPlan):
-            return tree_unflatten(
-                list(self._staged_forward(plan_, source, reader)), trace_.out_spec
-            )
+        # A model with whole-image ops runs as a staged program, through the same node.
+        runner = self._runner(plan_, source, reader)
         rng = RngState(reader.device) if plan_.uses_rng else None
         if torch.is_grad_enabled() and (x_grad or names):
             call = StreamedCall(
-                self._executor,
+                runner,
                 plan_,
                 source,
                 reader,
@@ -277,33 +275,14 @@ class StreamedBackbone(nn.Module):
             )
             outs = StreamedFunction.apply(call, tensor, *(state[n] for n in names))[:-1]
         else:
-            outs, _ = self._executor.forward(source, reader, plan_, rng, state=state)
+            outs, _ = runner.forward(source, reader, plan_, rng, state=state)
         return tree_unflatten(list(outs), trace_.out_spec)
 
-    def _staged_forward(
-        self, plan_: StagedPlan, source: ImageSource, reader: CropReader
-    ) -> tuple[torch.Tensor, ...]:
-        program = self._program(tuple(source.shape), reader.dtype)
-        assert program is not None
-        state = model_state(self._model)
-        names = [n for n, p in self._model.named_parameters() if p.requires_grad]
-        trained = set(names)
-        tensor = source.tensor
-        x_grad = tensor is not None and tensor.requires_grad
-        rng = RngState(reader.device) if any(p.uses_rng for p in plan_.stages) else None
-        if torch.is_grad_enabled() and (x_grad or names):
-            call = StagedCall(
-                program,
-                plan_,
-                source,
-                reader,
-                names,
-                {n: t for n, t in state.items() if n not in trained},
-                rng,
-            )
-            return StagedFunction.apply(call, tensor, *(state[n] for n in names))[:-1]
-        outs, _, _ = program.forward(source, reader, plan_, rng, state)
-        return tuple(outs)
+    def _runner(self, plan_, source: ImageSource, reader: CropReader):
+        """What runs ``plan_``: the executor, or for a staged plan the staged program."""
+        if isinstance(plan_, StagedPlan):
+            return self._program(tuple(source.shape), reader.dtype)
+        return self._executor
 
     def vjp(self, x: Any, cotangent: Any, *, saliency: bool) -> tuple[dict, torch.Tensor | None]:
         """``(param_grads, input_grad)`` of ``<cotangent, model(x)>``, tile by tile."""
@@ -330,15 +309,20 @@ class StreamedBackbone(nn.Module):
                     f"{tuple(shape)}, got {got}."
                 )
         named = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
-        if isinstance(plan_, StagedPlan):
-            grads, input_grad = self._staged_vjp(plan_, source, reader, cots, named, saliency)
-            param_grads = {
-                n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads)
-            }
-            return param_grads, input_grad
         # Replay the RNG state a forward from here would see (vjp leaves it untouched).
         rng = RngState(reader.device) if plan_.uses_rng else None
-        grads, input_grad = self._executor.vjp(
+        runner, kept = self._runner(plan_, source, reader), None
+        if isinstance(plan_, StagedPlan):
+            # As torch.func.vjp(model, x) would: one forward (its statistics, and the running
+            # statistics' update), then the backward; the RNG left as it was.
+            saved = RngState(reader.device) if rng is not None else None
+            values = runner.statistics(
+                source, reader, plan_, rng, model_state(self._model), update=True
+            )
+            if saved is not None:
+                saved.restore()
+            kept = StagedKept({}, values)
+        grads, input_grad = runner.vjp(
             source,
             reader,
             plan_,
@@ -346,6 +330,7 @@ class StreamedBackbone(nn.Module):
             [p for _, p in named],
             want_input=saliency,
             rng=rng,
+            kept=kept,
             state=model_state(self._model),
         )
         param_grads = {
@@ -378,23 +363,6 @@ class StreamedBackbone(nn.Module):
             for (n, p), g in zip(named, got[: len(named)])
         }
         return param_grads, (got[-1] if xin is not x else None)
-
-    def _staged_vjp(self, plan_, source, reader, cots, named, saliency):
-        program = self._program(tuple(source.shape), reader.dtype)
-        assert program is not None
-        rng = RngState(reader.device) if any(p.uses_rng for p in plan_.stages) else None
-        state = model_state(self._model)
-        # As torch.func.vjp(model, x) would: one forward (its statistics, and the running
-        # statistics' update), then the backward.
-        values = program.statistics(source, reader, plan_, rng, state, update=True)
-        saved = RngState(reader.device) if rng is not None else None
-        try:
-            return program.vjp(
-                source, reader, plan_, cots, [p for _, p in named], saliency, values, rng=rng
-            )
-        finally:
-            if saved is not None:
-                saved.restore()
 
 
 def _check_cuts(model: nn.Module, cut_at: Any) -> None:

@@ -14,24 +14,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ._errors import TransformError
 from ._execute import AutocastState, Executor, Kept, RngState
 from ._inputs import CropReader, ImageSource, TensorImage
-from ._plan import TilePlan
 
 __all__ = ["StreamedCall", "StreamedFunction"]
+
+
+class Runner(Protocol):
+    """What runs a plan: an :class:`~tilefn._execute.Executor`, or a staged program (a
+    model with whole-image ops), which has the same ``forward`` and ``vjp``."""
+
+    def forward(self, source, reader, plan, rng=None, keep=False, want_input=False, state=None): ...
+
+    def vjp(self, source, reader, plan, cotangents, params, want_input, **kwargs): ...
 
 
 @dataclass
 class StreamedCall:
     """Everything a streamed forward needs besides its tensor inputs."""
 
-    executor: Executor
-    plan: TilePlan
+    executor: Runner | Executor
+    plan: Any  # a TilePlan, or the StagedPlan of a staged program
     source: ImageSource  # read crop by crop when the image is not a tensor input
     reader: CropReader
     names: Sequence[str]  # names of the parameter inputs, in order

@@ -24,25 +24,25 @@ model's own; memory stays that of one crop plus the statistics (bytes).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._autograd import _FirstOrderOnly
 from ._compat import requires_grad_allowed, share_registries
-from ._errors import PlanError, TransformError
+from ._errors import PlanError
 from ._execute import AutocastState, Executor, Kept, RngState
 from ._global import Barrier, GlobalCall, GlobalOps, Reduction, StopAtBarrier, surrogate
-from ._inputs import CropReader, ImageSource, TensorImage
+from ._inputs import CropReader, ImageSource
 from ._options import StreamOptions
 from ._plan import TilePlan
 from ._planner import PlanCache
 from ._trace import Trace
 
-__all__ = ["SegmentedPlan", "StagedPlan", "StagedProgram", "StagedCall", "StagedFunction"]
+__all__ = ["SegmentedPlan", "StagedKept", "StagedPlan", "StagedProgram"]
 
 Values = list[tuple[torch.Tensor, ...]]
 
@@ -61,6 +61,15 @@ class _Stage(nn.Module):
         self.stop = stop
         object.__setattr__(self, "values", [])
         object.__setattr__(self, "transform", None)
+
+    @contextlib.contextmanager
+    def given(self, values: Values, transform: Any = None) -> Iterator[None]:
+        """Run with these statistics (and output ``transform``), then forget them."""
+        self.values, self.transform = values, transform
+        try:
+            yield
+        finally:
+            self.values, self.transform = [], None
 
     def _handle(self, position: int, call: GlobalCall, run) -> Any:
         if position >= len(self.global_calls):
@@ -121,6 +130,10 @@ class StagedPlan:
     @property
     def output_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self.main.output_shapes
+
+    @property
+    def uses_rng(self) -> bool:
+        return any(p.uses_rng for p in self.stages)
 
     @property
     def overlap(self) -> float:
@@ -213,11 +226,8 @@ class StagedProgram:
         plans = []
         main_trace = None
         for stage, cache in zip(self.stages, self._caches):
-            stage.values = [b.placeholder("cpu") for b in self.barriers]
-            try:
+            with stage.given([b.placeholder("cpu") for b in self.barriers]):
                 plan_, trace_ = cache.get(stage, shape, tile_size, dtype, budget)
-            finally:
-                stage.values = []
             plans.append(plan_)
             main_trace = trace_
         assert main_trace is not None
@@ -237,10 +247,8 @@ class StagedProgram:
         layers' running statistics are updated as the plain forward would."""
         values: Values = []
         for k, barrier in enumerate(self.barriers):
-            stage = self.stages[k]
-            stage.values, stage.transform = values, None
             reduction = Reduction(barrier)
-            try:
+            with self.stages[k].given(values):
                 self.executors[k].forward(
                     source,
                     reader,
@@ -249,8 +257,6 @@ class StagedProgram:
                     state=state,
                     sink=lambda o, dst, block, r=reduction: r.add(block),
                 )
-            finally:
-                stage.values = []
             values.append(reduction.values())
             if update and barrier.module is not None:
                 _update_running(self.model, barrier, reduction)
@@ -261,25 +267,24 @@ class StagedProgram:
         source: ImageSource,
         reader: CropReader,
         plan: StagedPlan,
-        rng: RngState | None,
-        state: Mapping[str, torch.Tensor] | None,
+        rng: RngState | None = None,
         keep: bool = False,
         want_input: bool = False,
-    ) -> tuple[list[torch.Tensor], dict[int, Kept], Values]:
-        """The outputs, the main stage's kept crop graphs and the statistics used (leaves
-        that require grad when ``keep``, so that kept graphs reach them)."""
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], StagedKept]:
+        """As :meth:`Executor.forward <tilefn._execute.Executor.forward>` (so that
+        :class:`~tilefn._autograd.StreamedFunction` runs either): the outputs, and the
+        main stage's kept crop graphs together with the statistics used (leaves that require
+        grad when ``keep``, so that kept graphs reach them). Updates BatchNorm running
+        statistics as the plain forward does."""
         values = self.statistics(source, reader, plan, rng, state, update=True)
         if keep:
             values = [tuple(_leaf(v) for v in vs) for vs in values]
-        main = self.stages[-1]
-        main.values = values
-        try:
+        with self.stages[-1].given(values):
             outs, kept = self.executors[-1].forward(
                 source, reader, plan.main, rng, keep=keep, want_input=want_input, state=state
             )
-        finally:
-            main.values = []
-        return outs, kept, values
+        return outs, StagedKept(kept, values)
 
     def vjp(
         self,
@@ -289,20 +294,47 @@ class StagedProgram:
         cotangents: Sequence[torch.Tensor | None],
         params: Sequence[torch.Tensor],
         want_input: bool,
-        values: Values,
         rng: RngState | None = None,
         autocast: AutocastState | None = None,
         kept: dict[int, Kept] | None = None,
         state: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-        """Parameter gradients and (with ``want_input``) the input gradient of
-        ``<cotangents, outputs>``, through every stage, given the forward's statistics."""
+        """As :meth:`Executor.vjp <tilefn._execute.Executor.vjp>`, through every stage, with
+        the statistics of the forward that ``kept`` carries (without them, e.g. in a second
+        backward, they are computed again, without touching the running statistics). The
+        caller's RNG state is left as it was."""
+        saved_rng = RngState(rng.device) if rng is not None else None
+        try:
+            if isinstance(kept, StagedKept):
+                values: Values = kept.values
+            else:
+                values = self.statistics(source, reader, plan, rng, state, update=False)
+            return self._vjp(
+                source, reader, plan, cotangents, params, want_input, values, rng, autocast,
+                kept, state,
+            )  # fmt: skip
+        finally:
+            if saved_rng is not None:
+                saved_rng.restore()
+
+    def _vjp(
+        self,
+        source,
+        reader,
+        plan,
+        cotangents,
+        params,
+        want_input,
+        values,
+        rng,
+        autocast,
+        kept,
+        state,
+    ):
         n = len(params)
         # The forward's leaves where it made them (its kept crop graphs reach those).
         values = [tuple(v if v.requires_grad else _leaf(v) for v in vs) for vs in values]
-        main = self.stages[-1]
-        main.values = values
-        try:
+        with self.stages[-1].given(values):
             got, input_grad = self.executors[-1].vjp(
                 source,
                 reader,
@@ -312,11 +344,9 @@ class StagedProgram:
                 want_input,
                 rng=rng,
                 autocast=autocast,
-                kept=kept,
+                kept=dict(kept) if kept else None,
                 state=state,
             )
-        finally:
-            main.values = []
         grads = list(got[:n])
         stat_cots = _unflat(got[n:], values)
         for k in reversed(range(len(self.barriers))):
@@ -325,13 +355,11 @@ class StagedProgram:
                 continue  # the outputs do not depend on this statistic
             barrier = self.barriers[k]
             before = [tuple(_leaf(v) for v in vs) for vs in values[:k]]
-            stage = self.stages[k]
-            stage.values = before
-            stage.transform = surrogate(barrier, values[k], cots)
+            phi = surrogate(barrier, values[k], cots)
             out_shape = plan.prefixes[k].output_shapes[0]
             dtype = values[k][0].dtype
             ones = torch.ones((), dtype=dtype, device=reader.device).expand(out_shape)
-            try:
+            with self.stages[k].given(before, phi):
                 got, ig = self.executors[k].vjp(
                     source,
                     reader,
@@ -343,8 +371,6 @@ class StagedProgram:
                     autocast=autocast,
                     state=state,
                 )
-            finally:
-                stage.values, stage.transform = [], None
             _add(grads, got[:n])
             for j, cs in enumerate(_unflat(got[n:], before)):
                 stat_cots[j] = tuple(_sum(a, b) for a, b in zip(stat_cots[j], cs))
@@ -401,95 +427,10 @@ def _update_running(model: nn.Module, barrier: Barrier, reduction: Reduction) ->
         buf.copy_((buf.to(torch.float64) * (1 - f) + stat * f).to(buf.dtype))
 
 
-@dataclass
-class StagedCall:
-    """Everything a staged forward needs besides its tensor inputs."""
+class StagedKept(dict):
+    """The main stage's kept crop graphs (as :class:`~tilefn._execute.Executor.forward`
+    returns them), with the statistics of the forward they belong to."""
 
-    program: StagedProgram
-    plan: StagedPlan
-    source: ImageSource
-    reader: CropReader
-    names: Sequence[str]
-    frozen: dict[str, torch.Tensor]
-    rng: RngState | None
-
-    def state(self, params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {**self.frozen, **dict(zip(self.names, params))}
-
-
-class _Saved:
-    """A non-tensor output of the forward: the statistics and the kept crop graphs."""
-
-    def __init__(self, values: Values, kept: dict[int, Kept]):
-        self.values, self.kept = values, kept
-
-
-class StagedFunction(torch.autograd.Function):
-    """As :class:`~tilefn._autograd.StreamedFunction`, through every stage."""
-
-    @staticmethod
-    def forward(call: StagedCall, x: torch.Tensor | None, *params: torch.Tensor) -> tuple:
-        source = call.source if x is None else TensorImage(x)
-        want_input = x is not None and x.requires_grad
-        keep = all(p.requires_grad for p in params)
-        outs, kept, values = call.program.forward(
-            source,
-            call.reader,
-            call.plan,
-            call.rng,
-            call.state(params),
-            keep=keep,
-            want_input=want_input,
-        )
-        return (*outs, _Saved(values, kept))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        call, x, *params = inputs
-        ctx.call = call
-        ctx.saved = output[-1]
-        ctx.autocast = AutocastState.capture(call.reader.device.type)
-        ctx.tensor_input = x is not None
-        ctx.save_for_backward(*([x] if x is not None else []), *params)
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx: Any, *cotangents: torch.Tensor | None) -> tuple:
-        call: StagedCall = ctx.call
-        saved = ctx.saved_tensors
-        x, params = (saved[0], saved[1:]) if ctx.tensor_input else (None, saved)
-        source = call.source if x is None else TensorImage(x)
-        want_input = ctx.needs_input_grad[1]
-        wanted = [k for k in range(len(params)) if ctx.needs_input_grad[2 + k]]
-        kept, ctx.saved.kept = ctx.saved.kept, {}
-        values = ctx.saved.values
-        grads, input_grad = call.program.vjp(
-            source,
-            call.reader,
-            call.plan,
-            cotangents[:-1],
-            [params[k] for k in wanted],
-            want_input,
-            values,
-            rng=call.rng,
-            autocast=ctx.autocast,
-            kept=kept,
-            state=call.state(params),
-        )
-        param_grads: list[torch.Tensor | None] = [None] * len(params)
-        for k, g in zip(wanted, grads):
-            param_grads[k] = g
-        results = (input_grad, *param_grads)
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must not be differentiated
-            results = tuple(
-                _FirstOrderOnly.apply(g, *params) if g is not None else None for g in results
-            )
-        return (None, *results)
-
-    @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise TransformError(
-            "streamify: forward-mode differentiation (torch.func.jvp) through a streamed "
-            "backbone is not supported. Use reverse mode (loss.backward(), torch.func.grad "
-            "or torch.func.vjp), which is exact."
-        )
+    def __init__(self, kept: dict[int, Kept], values: Values):
+        super().__init__(kept)
+        self.values = values
