@@ -6,19 +6,22 @@ the context of the call.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
+import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.parameter import is_lazy
 
 from ._autograd import StreamedCall, StreamedFunction
+from ._chain import ChainCall, ChainFunction, run_chain
 from ._compat import share_registries, tree_flatten, tree_unflatten
 from ._constant import PassStats
 from ._errors import InputError, InputTypeError, OptionError, UnsupportedLayerError
@@ -139,14 +142,40 @@ class StreamedBackbone(nn.Module):
 
     def _source(self, x: Any) -> tuple[ImageSource, CropReader]:
         source = as_source(x, uint8_ok=self.options.normalize is not None)
-        reader = CropReader.for_image(
+        return source, self.reader_for(source)
+
+    def reader_for(self, source: ImageSource) -> CropReader:
+        """How crops of ``source`` become this model's inputs."""
+        return CropReader.for_image(
             source,
             self._model,
             device=self.options.device,
             normalize=self.options.normalize,
             channels_last=self.options.channels_last,
         )
-        return source, reader
+
+    def _spilled(self, chain: _Chain, source: ImageSource) -> Any:
+        """The forward of a segmented trunk whose maps go to disk: one autograd node for
+        the chain (see ``_chain``)."""
+        names, frozen, params = [], [], []
+        for seg in chain.segments:
+            state = model_state(seg.model)
+            trained = [n for n, p in seg.model.named_parameters() if p.requires_grad]
+            names.append(trained)
+            frozen.append({n: t for n, t in state.items() if n not in trained})
+            params += [state[n] for n in trained]
+        call = ChainCall(
+            chain.segments, source, names, frozen, chain.spill_dir, self.options.process_group
+        )
+        tensor = source.tensor
+        x_grad = tensor is not None and tensor.requires_grad
+        if torch.is_grad_enabled() and (x_grad or params):
+            outs = ChainFunction.apply(call, tensor, *params)[:-1]
+        else:
+            outs, _ = run_chain(call, tensor, params, keep=False)
+            for m in call.maps:
+                m.close()
+        return tree_unflatten(list(outs), call.out_spec)
 
     def plan(
         self, shape_or_input: Sequence[int] | torch.Tensor | ImageSource
@@ -160,18 +189,21 @@ class StreamedBackbone(nn.Module):
             source, reader = self._source(shape_or_input)
             shape, dtype = tuple(source.shape), reader.dtype
         if self.options.cut_at is not None:
-            cuts, segments, map_bytes = self._segmented(shape, dtype)
+            chain = self._segmented(shape, dtype)
             plans, seg_shape = [], shape
-            for seg in segments:
+            for seg in chain.segments:
                 plans.append(seg.plan(seg_shape))
                 seg_shape = plans[-1].output_shapes[0]
-            return SegmentedPlan(tuple(cuts), tuple(plans), map_bytes)  # type: ignore[return-value]
+            return SegmentedPlan(  # type: ignore[return-value]
+                chain.cuts, tuple(plans), chain.map_shapes, chain.map_sizes, chain.spill_dir
+            )
         return self._plan(shape, dtype)[0]
 
-    def _segmented(self, shape: tuple[int, ...], dtype: torch.dtype):
+    def _segmented(self, shape: tuple[int, ...], dtype: torch.dtype) -> _Chain:
         """The segments of a trunk with stage cuts on this input shape: the cut names, one
-        backbone per segment (tile scaled by the stride at its cut; budget shared), and the
-        bytes of the stored maps between them."""
+        backbone per segment (tile scaled by the stride at its cut; budget shared), the
+        stored maps between them, and whether those go to disk: when the maps and their
+        gradients would take more than half of ``memory_budget``."""
         key = (shape, dtype, model_fingerprint(self._model))
         if key not in self._segments:
             inputs = _child_inputs(self._model, shape, dtype)
@@ -180,11 +212,14 @@ class StreamedBackbone(nn.Module):
             names = list(children)
             starts = [0] + [names.index(c) for c in cuts] + [len(names)]
             itemsize = torch.empty((), dtype=dtype).element_size()
-            map_bytes = sum(math.prod(inputs[c]) * itemsize for c in cuts)
+            map_sizes = tuple(math.prod(inputs[c]) * itemsize for c in cuts)
             budget = self.options.memory_budget
-            share = None
+            share, spill_dir = None, None
             if budget is not None:
-                share = max(int((budget - 2 * map_bytes) / (len(starts) - 1)), 1)
+                held = 2 * sum(map_sizes)
+                if held > budget / 2:
+                    spill_dir, held = self.options.spill_dir or tempfile.gettempdir(), 0
+                share = max(int((budget - held) / (len(starts) - 1)), 1)
             segments = []
             for k in range(len(starts) - 1):
                 part = names[starts[k] : starts[k + 1]]
@@ -197,14 +232,18 @@ class StreamedBackbone(nn.Module):
                     tile = tuple(
                         max(1, t * m // n) for t, m, n in zip(tiles, in_shape[2:], shape[2:])
                     )
+                seg_budget = share
+                if spill_dir is not None:  # its plan counts the maps it reads and writes
+                    seg_budget += _on_disk(map_sizes, k)  # type: ignore[operator]
                 opts = dataclasses.replace(
                     self.options,
                     cut_at=None,
-                    memory_budget=share,
+                    memory_budget=seg_budget,
                     normalize=self.options.normalize if k == 0 else None,
                 )
                 segments.append(StreamedBackbone(module, tile, opts))
-            self._segments[key] = (cuts, segments, map_bytes)
+            shapes = tuple(inputs[c] for c in cuts)
+            self._segments[key] = _Chain(tuple(cuts), segments, shapes, map_sizes, spill_dir)
         return self._segments[key]
 
     def _program(self, shape: tuple[int, ...], dtype: torch.dtype) -> StagedProgram | None:
@@ -250,8 +289,10 @@ class StreamedBackbone(nn.Module):
     def forward(self, x: Any) -> Any:
         source, reader = self._source(x)
         if self.options.cut_at is not None:
-            _, segments, _ = self._segmented(tuple(source.shape), reader.dtype)
-            for seg in segments:
+            chain = self._segmented(tuple(source.shape), reader.dtype)
+            if chain.spill_dir is not None:
+                return self._spilled(chain, source)
+            for seg in chain.segments:
                 x = seg(x)
             return x
         plan_, trace_ = self._plan(tuple(source.shape), reader.dtype)
@@ -365,6 +406,25 @@ class StreamedBackbone(nn.Module):
         return param_grads, (got[-1] if xin is not x else None)
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """A segmented trunk on one input shape (see :meth:`StreamedBackbone._segmented`)."""
+
+    cuts: tuple[str, ...]
+    segments: list[StreamedBackbone]
+    map_shapes: tuple[tuple[int, ...], ...]
+    map_sizes: tuple[int, ...]
+    spill_dir: str | None  # None: the maps stay in memory
+
+
+def _on_disk(map_sizes: Sequence[int], k: int) -> int:
+    """Bytes that segment ``k``'s plan counts as resident (its input image, its output and
+    the output's gradient) but that a chain on disk keeps in files."""
+    before = map_sizes[k - 1] if k > 0 else 0
+    after = 2 * map_sizes[k] if k < len(map_sizes) else 0
+    return before + after
+
+
 def _check_cuts(model: nn.Module, cut_at: Any) -> None:
     if not isinstance(model, nn.Sequential):
         raise OptionError(
@@ -396,14 +456,27 @@ def _check_cuts(model: nn.Module, cut_at: Any) -> None:
 
 
 def _child_inputs(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> dict:
-    """The input shape of every child of a Sequential trunk, from one run on meta tensors."""
+    """The input shape of every child of a Sequential trunk, from one run on meta tensors
+    (the model's own tensors are not touched: they may be torch.func's wrappers)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    x = torch.empty(shape, device="meta", dtype=dtype)
-    meta = copy.deepcopy(model).to("meta")
-    with torch.no_grad():
-        for name, child in meta.named_children():
-            shapes[name] = tuple(x.shape)
-            x = child(x)
+    meta = {
+        n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in model_state(model).items()
+    }
+
+    def record(name: str) -> Callable:
+        def hook(_: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    hooks = [c.register_forward_pre_hook(record(n)) for n, c in model.named_children()]
+    try:
+        with torch.no_grad():
+            x = torch.empty(shape, device="meta", dtype=dtype)
+            functional_call(model, meta, (x,), strict=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return shapes
 
 
@@ -487,6 +560,8 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
             - ``cut_at`` (``None``, ``"auto"`` or child names): stage cuts for an
               ``nn.Sequential`` trunk; each segment streams over its predecessor's stored
               map with its own, smaller receptive field (faster; see the docs' "Stage cuts").
+            - ``spill_dir`` (path or None): where stage cuts' stored maps go when they do not
+              fit in ``memory_budget`` (default: the system's temporary directory).
 
     Returns:
         ``Streamed(backbone, vjp)``. ``backbone(x)`` returns ``model(x)``'s structure and,

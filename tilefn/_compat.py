@@ -36,6 +36,7 @@ __all__ = [
     "share_registries",
     "outside_functorch",
     "requires_grad_allowed",
+    "unwrapped",
     "module_hooks",
 ]
 
@@ -82,6 +83,15 @@ def share_registries(dst: nn.Module, src: nn.Module) -> None:
     that to ``nn.Module`` (state_dict, ``.to()``, optimizers) ``dst`` *is* ``src``."""
     for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         object.__setattr__(dst, name, getattr(src, name))
+
+
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor inside torch.func's wrappers (``t`` itself when not wrapped): the
+    values of a gradient computed under ``torch.func.grad``, to write to a file."""
+    fc = torch._C._functorch
+    while fc.is_functorch_wrapped_tensor(t):
+        t = fc.get_unwrapped(t)
+    return t
 
 
 def outside_functorch() -> Any:

@@ -35,6 +35,7 @@ from ._inputs import CropReader, ImageSource, Prefetched, scatter_add
 from ._options import StreamOptions
 from ._plan import TilePlan
 from ._schedule import backward_order, crop_groups, kept_crops, owned_slices, rank_share
+from ._spill import DiskMap
 from ._trace import RunningStats, batchnorm_eval
 
 __all__ = ["AutocastState", "Executor", "Kept", "RngState", "model_state"]
@@ -362,12 +363,16 @@ class Executor:
         autocast: AutocastState | None = None,
         kept: dict[int, Kept] | None = None,
         state: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        input_grad: torch.Tensor | DiskMap | None = None,
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor | DiskMap | None]:
         """Parameter gradients (None where unused) and, with ``want_input``, the input
         gradient of ``<cotangents, outputs>``, summed over crops. ``params`` are the
         tensors to differentiate by; the model computes with ``state`` (names to tensors,
         holding ``params``) when it differs from what the model holds now, as after
-        ``functional_call`` or when a parameter was replaced between forward and backward."""
+        ``functional_call`` or when a parameter was replaced between forward and backward.
+        ``cotangents`` may be :class:`~tilefn._spill.DiskMap` s (read block by block), and
+        the input gradient is added into ``input_grad`` when one is given (a tensor or a
+        DiskMap of the input's shape; it is returned)."""
         state = state if _differs(self.model, state) else None
         # The recompute replays the forward's draws from ``rng``; leave the caller's RNG as
         # it was.
@@ -386,6 +391,7 @@ class Executor:
                     autocast,
                     kept or {},
                     state,
+                    input_grad,
                 )
             finally:
                 if saved is not None:
@@ -395,11 +401,13 @@ class Executor:
         return grads, input_grad
 
     def _vjp(
-        self, source, reader, plan, cotangents, params, want_input, rng, autocast, kept, state
-    ):
+        self, source, reader, plan, cotangents, params, want_input, rng, autocast, kept, state,
+        input_grad,
+    ):  # fmt: skip
         grads: list[torch.Tensor | None] = [None] * len(params)
-        input_grad = None
-        if want_input:
+        if not want_input:
+            input_grad = None
+        elif input_grad is None:
             input_grad = torch.zeros(source.shape, dtype=reader.dtype, device=source.device)
         wanted = [o for o, c in enumerate(cotangents) if c is not None]
         owned_by = {}
@@ -434,7 +442,11 @@ class Executor:
             input_grads = iter(got[len(params) :])
             for i, leaf in zip(ids, leafs):
                 g = next(input_grads) if leaf is not None else None
-                if g is not None:
+                if g is None:
+                    continue
+                if isinstance(input_grad, DiskMap):
+                    input_grad.add(plan.crops[i].box, g)
+                else:
                     scatter_add(input_grad, plan.crops[i].box, g)  # type: ignore[arg-type]
 
         boxes = [plan.crops[i].box for g in groups if g[0] not in usable for i in g]
@@ -526,7 +538,7 @@ class Executor:
                 n = full[k].numel()
                 full[k] = flat[pos : pos + n].view_as(full[k]).clone()
                 pos += n
-        if input_grad is not None:
+        if isinstance(input_grad, torch.Tensor):
             dist.all_reduce(input_grad, group=group)
         return full, input_grad
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._compat import requires_grad_allowed
 from ._errors import InputError, InputTypeError
 
 __all__ = [
@@ -348,7 +349,8 @@ class CropReader:
         raw = raw.to(self.device, non_blocking=True)
         leaf = None
         if requires_grad:
-            leaf = raw = raw.detach().to(self.dtype).requires_grad_(True)
+            with requires_grad_allowed():  # a fresh leaf, also under torch.func transforms
+                leaf = raw = raw.detach().to(self.dtype).requires_grad_(True)
         if self.normalize is None:
             return self._layout(raw), leaf
         shape = (1, -1) + (1,) * (raw.dim() - 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +83,16 @@ class StreamOptions:
             less. ``"auto"`` cuts before the first child with parameters at each new
             resolution whose input map is at most twice the input image's size (for a
             ResNet trunk: ``layer1``, ``layer3``, ``layer4``). ``memory_budget`` is shared
-            among the segments after the stored maps. ``None`` (the default): no cuts.
+            among the segments after the stored maps; when the maps and their gradients
+            would take more than half of it, they go to disk instead (see ``spill_dir``).
+            ``None`` (the default): no cuts.
+        spill_dir: The directory where stage cuts' stored maps and their gradients go when
+            they do not fit in ``memory_budget`` (see ``cut_at``): raw files, one per map,
+            written and read block by block, so that they take no resident memory; each is
+            removed when it is no longer needed (a gradient map once read, the stored maps
+            when the autograd graph is freed). ``None`` (the default): the system's
+            temporary directory (``tempfile.gettempdir()``). Needs free disk space of about
+            twice ``plan.map_bytes``.
 
     Example:
         >>> import tilefn
@@ -107,6 +117,7 @@ class StreamOptions:
     prefetch: int | None = None
     batchnorm: str = "running"
     cut_at: Any = None
+    spill_dir: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -154,6 +165,15 @@ class StreamOptions:
                     f"children of an nn.Sequential trunk, got {cut_at!r}."
                 )
             set_("cut_at", tuple(cut_at))
+        if self.spill_dir is not None:
+            if not isinstance(self.spill_dir, (str, os.PathLike)) or not os.path.isdir(
+                self.spill_dir
+            ):
+                raise OptionError(
+                    "streamify: spill_dir must be None or the path of an existing directory, "
+                    f"got {self.spill_dir!r}."
+                )
+            set_("spill_dir", os.fspath(self.spill_dir))
         _check_group(self.process_group)
 
 

@@ -158,7 +158,9 @@ class StagedPlan:
         ]
         for k, (b, p) in enumerate(zip(self.barriers, self.prefixes)):
             lines.append(
-                f"  barrier {k + 1}: {b.describe()}, map {tuple(b.shape)}: prefix stage "
+                f"  barrier {k + 1}: {b.describe()}, map {tuple(b.shape)}: stores "
+                f"{b.stat_bytes} bytes (its statistics; the map is recomputed, not stored: 0 "
+                f"bytes forward, 0 bytes of cotangent map backward); prefix stage "
                 f"{p.n_tiles} crops, overlap a = {p.overlap:.2f}"
             )
         lines.append("  main stage: " + str(self.main).replace("\n", "\n  "))
@@ -169,11 +171,23 @@ class StagedPlan:
 class SegmentedPlan:
     """The plan of a trunk cut into segments (option ``cut_at``): each segment streams over
     the stored map its predecessor returns, with its own plan (a :class:`TilePlan`, or a
-    :class:`StagedPlan` for a segment with whole-image ops)."""
+    :class:`StagedPlan` for a segment with whole-image ops). The stored maps are held in
+    memory, or, when they do not fit in ``memory_budget``, on disk under ``spill_dir``."""
 
     cuts: tuple[str, ...]  # the child that starts each segment after the first
     segments: tuple[TilePlan | StagedPlan, ...]
-    map_bytes: int  # the stored maps between segments (and as much again for their gradients)
+    map_shapes: tuple[tuple[int, ...], ...]  # the stored map at each cut
+    map_sizes: tuple[int, ...]  # its bytes (its gradient in the backward: as many again)
+    spill_dir: str | None = None  # where the maps go; None: they stay in memory
+
+    @property
+    def map_bytes(self) -> int:
+        """Bytes of the stored maps (forward); their gradients take as many (backward)."""
+        return sum(self.map_sizes)
+
+    @property
+    def on_disk(self) -> bool:
+        return self.spill_dir is not None
 
     @property
     def n_tiles(self) -> int:
@@ -181,8 +195,15 @@ class SegmentedPlan:
 
     @property
     def memory_estimate(self) -> int:
-        """The largest segment's estimate, plus the stored maps and their gradients."""
-        return max(p.memory_estimate for p in self.segments) + 2 * self.map_bytes
+        """The largest segment's estimate, plus the stored maps and their gradients when
+        they are held in memory; on disk, without the maps each segment reads and writes."""
+        if not self.on_disk:
+            return max(p.memory_estimate for p in self.segments) + 2 * self.map_bytes
+        sizes, last = self.map_sizes, len(self.segments) - 1
+        return max(
+            p.memory_estimate - (sizes[k - 1] if k else 0) - (2 * sizes[k] if k < last else 0)
+            for k, p in enumerate(self.segments)
+        )
 
     @property
     def output_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -193,14 +214,24 @@ class SegmentedPlan:
         return any(getattr(p, "uses_rng", False) for p in self.segments)
 
     def __str__(self) -> str:
+        where = f"on disk under {self.spill_dir}" if self.on_disk else "in memory"
         lines = [
             f"SegmentedPlan: {len(self.segments)} segments, cut before "
-            f"{', '.join(repr(c) for c in self.cuts)}; stored maps {self.map_bytes / 2**20:.1f} "
-            "MiB (and their gradients in the backward)"
+            f"{', '.join(repr(c) for c in self.cuts)}; stored maps {_mib(self.map_bytes)} "
+            f"(forward) and their gradients {_mib(self.map_bytes)} (backward), {where}"
         ]
         for k, p in enumerate(self.segments):
+            if k > 0:
+                c, shape, size = self.cuts[k - 1], self.map_shapes[k - 1], self.map_sizes[k - 1]
+                lines.append(
+                    f"  cut before {c!r}: map {shape}, {_mib(size)} stored, {_mib(size)} gradient"
+                )
             lines.append(f"  segment {k + 1}: " + str(p).replace("\n", "\n  "))
         return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 class StagedProgram:
@@ -271,6 +302,7 @@ class StagedProgram:
         keep: bool = False,
         want_input: bool = False,
         state: Mapping[str, torch.Tensor] | None = None,
+        sink: Any = None,
     ) -> tuple[list[torch.Tensor], StagedKept]:
         """As :meth:`Executor.forward <tilefn._execute.Executor.forward>` (so that
         :class:`~tilefn._autograd.StreamedFunction` runs either): the outputs, and the
@@ -282,7 +314,7 @@ class StagedProgram:
             values = [tuple(_leaf(v) for v in vs) for vs in values]
         with self.stages[-1].given(values):
             outs, kept = self.executors[-1].forward(
-                source, reader, plan.main, rng, keep=keep, want_input=want_input, state=state
+                source, reader, plan.main, rng, keep, want_input, state, sink
             )
         return outs, StagedKept(kept, values)
 
@@ -298,7 +330,8 @@ class StagedProgram:
         autocast: AutocastState | None = None,
         kept: dict[int, Kept] | None = None,
         state: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        input_grad: Any = None,
+    ) -> tuple[list[torch.Tensor | None], Any]:
         """As :meth:`Executor.vjp <tilefn._execute.Executor.vjp>`, through every stage, with
         the statistics of the forward that ``kept`` carries (without them, e.g. in a second
         backward, they are computed again, without touching the running statistics). The
@@ -311,7 +344,7 @@ class StagedProgram:
                 values = self.statistics(source, reader, plan, rng, state, update=False)
             return self._vjp(
                 source, reader, plan, cotangents, params, want_input, values, rng, autocast,
-                kept, state,
+                kept, state, input_grad,
             )  # fmt: skip
         finally:
             if saved_rng is not None:
@@ -330,6 +363,7 @@ class StagedProgram:
         autocast,
         kept,
         state,
+        target,
     ):
         n = len(params)
         # The forward's leaves where it made them (its kept crop graphs reach those).
@@ -346,8 +380,10 @@ class StagedProgram:
                 autocast=autocast,
                 kept=dict(kept) if kept else None,
                 state=state,
+                input_grad=target,
             )
         grads = list(got[:n])
+        target = input_grad  # the prefix stages add their input gradients into it
         stat_cots = _unflat(got[n:], values)
         for k in reversed(range(len(self.barriers))):
             cots = stat_cots[k]
@@ -360,7 +396,7 @@ class StagedProgram:
             dtype = values[k][0].dtype
             ones = torch.ones((), dtype=dtype, device=reader.device).expand(out_shape)
             with self.stages[k].given(before, phi):
-                got, ig = self.executors[k].vjp(
+                got, _ = self.executors[k].vjp(
                     source,
                     reader,
                     plan.prefixes[k],
@@ -370,12 +406,11 @@ class StagedProgram:
                     rng=rng,
                     autocast=autocast,
                     state=state,
+                    input_grad=target,
                 )
             _add(grads, got[:n])
             for j, cs in enumerate(_unflat(got[n:], before)):
                 stat_cots[j] = tuple(_sum(a, b) for a, b in zip(stat_cots[j], cs))
-            if ig is not None:
-                input_grad = ig if input_grad is None else input_grad.add_(ig)
         return grads, input_grad
 
 

@@ -96,7 +96,8 @@ class StreamedModule(pl.LightningModule):
             :func:`tilefn.streamify`, each documented in full by :class:`tilefn.StreamOptions`:
             ``saliency``, ``verbose``, ``deterministic``, ``normalize``, ``device``,
             ``memory_budget``, ``channels_last``, ``crop_batch``, ``process_group``,
-            ``skip_constant``, ``prefetch``, ``batchnorm`` and ``cut_at``.
+            ``skip_constant``, ``prefetch``, ``batchnorm``, ``cut_at`` and
+            ``spill_dir``.
 
     Batches are ``(image, target)`` pairs; override :meth:`unpack_batch` for other layouts.
     Subclasses that override :meth:`train`, :meth:`on_before_optimizer_step` or
