@@ -177,4 +177,5 @@ def test_stage_cuts_benchmark_tiny():
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "tilefn, cuts, budget" in proc.stdout and "x plain" in proc.stdout, proc.stdout
     norms = [float(v) for v in re.findall(r"'grad_norm': ([0-9.e+-]+)", proc.stdout)]
-    assert len(norms) == 5 and max(norms) - min(norms) < 1e-3 * max(norms), proc.stdout
+    assert len(norms) == 6 and max(norms) - min(norms) < 1e-3 * max(norms), proc.stdout
+    assert re.search(r"tilefn, cuts, on disk \{.*'on_disk': True", proc.stdout), proc.stdout

@@ -207,7 +207,11 @@ class StreamedBackbone(nn.Module):
         key = (shape, dtype, model_fingerprint(self._model))
         if key not in self._segments:
             inputs = _child_inputs(self._model, shape, dtype)
-            cuts = _choose_cuts(self._model, self.options.cut_at, inputs, shape)
+            staged: set[str] = set()
+            if self.options.cut_at == "auto":
+                program = self._program(shape, dtype)
+                staged = {b.path.split(".")[0] for b in program.barriers} if program else set()
+            cuts = _choose_cuts(self._model, self.options.cut_at, inputs, shape, staged)
             children = dict(self._model.named_children())
             names = list(children)
             starts = [0] + [names.index(c) for c in cuts] + [len(names)]
@@ -480,18 +484,26 @@ def _child_inputs(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) 
     return shapes
 
 
-def _choose_cuts(model, cut_at, inputs: dict, shape: tuple[int, ...]) -> list[str]:
+def _choose_cuts(
+    model: nn.Module, cut_at: Any, inputs: dict, shape: tuple[int, ...], staged: set[str]
+) -> list[str]:
+    """The cuts of ``cut_at="auto"``: before each child with parameters whose input map has
+    at most twice the image's elements, where the cut pays: at a new resolution (the crops'
+    receptive field starts again), or next to a child with whole-image ops (``staged``: the
+    streamed passes for their statistics then start at the stored map, not at the image)."""
     if cut_at != "auto":
         return list(cut_at)
     cuts, last = [], tuple(shape[2:])
     image = math.prod(shape)
+    barriers_since = False  # the children since the last cut hold whole-image ops
     for k, (name, child) in enumerate(model.named_children()):
         size = inputs[name]
-        if k == 0 or tuple(size[2:]) == last or next(child.parameters(), None) is None:
-            continue
-        if math.prod(size) <= 2 * image:
+        pays = tuple(size[2:]) != last or name in staged or barriers_since
+        has_params = next(child.parameters(), None) is not None
+        if k > 0 and has_params and math.prod(size) <= 2 * image and pays:
             cuts.append(name)
-            last = tuple(size[2:])
+            last, barriers_since = tuple(size[2:]), False
+        barriers_since = barriers_since or name in staged
     return cuts
 
 

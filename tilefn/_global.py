@@ -189,6 +189,12 @@ class Barrier:
     module: str | None = None  # BatchNorm whose running statistics the forward updates
 
     @property
+    def path(self) -> str:
+        """The module path of the layer it runs in (``""`` for the root)."""
+        path = self.layer.split("'")[1]  # ``layer`` reads "'path' (Class)"
+        return "" if path == "<root>" else path
+
+    @property
     def moments(self) -> bool:
         """Whether it needs a variance besides the mean."""
         return self.kind in ("group", "instance", "batch")
