@@ -8,7 +8,7 @@ weights and image.
     python benchmarks/stage_cuts.py                      # resnet18, 4096^2, 1 repeat
     python benchmarks/stage_cuts.py --model resnet50 --no-plain --repeats 2
     python benchmarks/stage_cuts.py --model efficientnet_b0 --size 2048 --tile 1024 \
-        --configs "plain,tilefn,tilefn, cuts"
+        --configs "plain;tilefn;tilefn, cuts"
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-plain", action="store_true", help="skip plain (it may not fit)")
-    p.add_argument("--configs", help="comma-separated configurations (default: all)")
+    p.add_argument("--configs", help="configurations separated by semicolons (default: all)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(step(args.model, args.one, args.size, args.tile, args.threads)))
         return
-    chosen = [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
+    chosen = [c.strip() for c in args.configs.split(";")] if args.configs else list(CONFIGS)
     unknown = [c for c in chosen if c not in CONFIGS]
     if unknown:
         p.error(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")

@@ -374,6 +374,55 @@ def test_timm_squeeze_excitation_and_group_norm_layers_stream_exactly():
     assert len(plan.barriers) == 5
 
 
+def test_timm_channel_attention_layers_stream_exactly():
+    """timm's other global-context channel attention: ECA and CECA (a 1-d convolution over
+    the pooled channels), selective kernels and split attention (the mean of a sum of
+    branches), gather-excite with a global extent (``keepdims=True``, numpy's spelling)."""
+    timm_layers = pytest.importorskip("timm.layers")
+
+    net = nn.Sequential(
+        conv(3, 16),
+        timm_layers.EcaModule(16),
+        timm_layers.CecaModule(16),
+        timm_layers.SelectiveKernel(16, 16),
+        conv(16, 16, 2),
+        timm_layers.SplitAttn(16, 16),
+        timm_layers.GatherExcite(16, extent=0, use_mlp=False),
+        conv(16, 4),
+    ).eval()
+    plan = check_exact(net, SHAPE, 48)
+    assert len(plan.barriers) == 5
+
+
+class _NumpyNames(nn.Module):
+    """Means and sums spelled with numpy's keyword names, which torch accepts."""
+
+    def forward(self, x):
+        gate = torch.sigmoid(x.mean(axis=(2, 3), keepdims=True))
+        return x * gate + torch.sum(x, axis=[-1, -2], keepdims=True) / 4087
+
+
+def test_numpy_spelled_reductions_keep_their_dims():
+    net = nn.Sequential(conv(3, 8), _NumpyNames(), conv(8, 4, 2))
+    plan = check_exact(net, SHAPE, 32)
+    assert [b.kind for b in plan.barriers] == ["mean", "sum"]
+
+
+class _SizeScaled(nn.Module):
+    """A whole-image sum divided by the number of positions read from the tensor: on a crop
+    that is the crop's size, not the image's."""
+
+    def forward(self, x):
+        return x + torch.sum(x, (2, 3), keepdim=True) / x[0, 0].numel()
+
+
+def test_a_statistic_scaled_by_the_crop_size_is_refused():
+    net = nn.Sequential(conv(3, 8), _SizeScaled(), conv(8, 4, 2)).double()
+    backbone, _ = tilefn.streamify(net, 32)
+    with pytest.raises(tilefn.PlanError, match=r"aten.div.Tensor in layer '1' \(_SizeScaled\)"):
+        backbone(torch.randn(*SHAPE, dtype=torch.float64))
+
+
 def test_staged_model_under_functional_call_and_torch_func_grad():
     from torch.func import functional_call, grad
 

@@ -106,7 +106,9 @@ def match(func: Any, args: tuple, kwargs: dict) -> GlobalCall | None:
             return None
         x = args[0]
         names = ("dim", "keepdim")
-        bound = {**dict(zip(names, args[1:])), **kwargs}
+        # torch also takes numpy's names for these: axis=, keepdims=
+        aliases = {"axis": "dim", "keepdims": "keepdim"}
+        bound = {**dict(zip(names, args[1:])), **{aliases.get(k, k): v for k, v in kwargs.items()}}
         raw = bound.get("dim")
         dims = _dims(raw, x.dim())
         if raw is not None and dims is None:

@@ -80,9 +80,12 @@ class StreamOptions:
             over the stored map its predecessor returns (held in memory, with its gradient
             in the backward), with a tile of the same image area (``tile_size`` divided by
             the stride at the cut) and its own, smaller receptive field, so the crops overlap
-            less. ``"auto"`` cuts before the first child with parameters at each new
-            resolution whose input map is at most twice the input image's size (for a
-            ResNet trunk: ``layer1``, ``layer3``, ``layer4``). ``memory_budget`` is shared
+            less. ``"auto"`` cuts before children with parameters whose input map is at most
+            twice the input image's size, where a cut pays: at each new resolution (for a
+            ResNet trunk: ``layer1``, ``layer3``, ``layer4``), and next to children with
+            whole-image ops, whose statistics' streamed passes then start at the stored map
+            instead of the image (an EfficientNet's ``features``: before every stage from
+            the second on, a training step many times faster). ``memory_budget`` is shared
             among the segments after the stored maps; when the maps and their gradients
             would take more than half of it, they go to disk instead (see ``spill_dir``).
             ``None`` (the default): no cuts.

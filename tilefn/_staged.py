@@ -125,7 +125,14 @@ class StagedPlan:
 
     @property
     def stat_bytes(self) -> int:
+        """Bytes of the statistics: all that the barriers store."""
         return sum(b.stat_bytes for b in self.barriers)
+
+    @property
+    def map_bytes(self) -> int:
+        """Bytes of stored maps (forward) and of cotangent maps (backward): 0, the stages
+        recompute instead (as :attr:`SegmentedPlan.map_bytes` counts those of stage cuts)."""
+        return 0
 
     @property
     def output_shapes(self) -> tuple[tuple[int, ...], ...]:

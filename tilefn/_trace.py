@@ -252,7 +252,9 @@ class _Recorder(TorchDispatchMode):
         if any(n is not None for n in spatial):
             self._check_view_write(func, flat, tensors, spatial)
             self._check_input(func, args, kwargs)
-            self.program.append(self._signature(func, flat, spec))
+        # Every op, also those on constants only: a whole-image statistic divided by a size
+        # read from a crop (x[0, 0].numel()) must differ between the crop and the image.
+        self.program.append(self._signature(func, flat, spec))
         try:
             out = func(*margs, **mkwargs)
         except (RuntimeError, ValueError, IndexError) as err:
