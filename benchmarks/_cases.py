@@ -92,7 +92,9 @@ def gb(n: float | None) -> float:
 
 def peak_bytes(rec: dict[str, Any]) -> int | None:
     peak = rec.get("peak") or {}
-    return peak.get("ru_maxrss_bytes", peak.get("vmhwm_bytes"))
+    # VmHWM first: ru_maxrss of a subprocess starts at its parent's RSS (Linux keeps it
+    # across exec), which would hide a child's smaller peak.
+    return peak.get("vmhwm_bytes", peak.get("ru_maxrss_bytes"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,6 +65,11 @@ def step(name: str, config: str, size: int, tile: int, threads: int) -> dict:
     forward(x).square().mean().backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:  # VmHWM: this process's own peak (ru_maxrss starts at the parent's RSS)
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        pass
     grad = float(torch.stack([p.grad.norm() for p in net.parameters()]).norm())
     return {"seconds": seconds, "peak_bytes": peak, "grad_norm": grad, "on_disk": on_disk}
 
