@@ -253,6 +253,33 @@ def test_staged_model_with_two_outputs_and_a_skip_over_the_barrier():
         torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+class AmaxGate(nn.Module):
+    """CBAM's channel attention: a gate from the mean and the maximum over all positions."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        avg, top = x.mean((2, 3), keepdim=True), torch.amax(x, dim=(-2, -1), keepdim=True)
+        return x * torch.sigmoid(self.fc(avg) + self.fc(top))
+
+
+def test_global_amax_streams_exactly_with_ties():
+    torch.manual_seed(0)
+    first = conv(3, 8)
+    with torch.no_grad():  # channel 0 is zero everywhere: every position ties for its max
+        first.weight[0] = 0.0
+        first.bias[0] = 0.0
+    net = nn.Sequential(first, AmaxGate(8), conv(8, 4, 2), nn.ReLU(), AmaxGate(4))
+    plan = check_exact(net, SHAPE, 32)
+    assert [b.kind for b in plan.barriers] == ["mean", "max", "mean", "max"]
+    assert "maximum over all positions" in str(plan)
+    # The tie is real: the first conv's channel-0 weights get the max's gradient shared
+    # among all positions, exactly as plain amax shares it.
+    assert net[0].weight.grad[0].abs().max() > 0
+
+
 def test_global_max_pooling_is_still_refused():
     class MaxGate(nn.Module):
         def forward(self, x):
@@ -377,8 +404,10 @@ def test_timm_squeeze_excitation_and_group_norm_layers_stream_exactly():
 def test_timm_channel_attention_layers_stream_exactly():
     """timm's other global-context channel attention: ECA and CECA (a 1-d convolution over
     the pooled channels), selective kernels and split attention (the mean of a sum of
-    branches), gather-excite with a global extent (``keepdims=True``, numpy's spelling)."""
+    branches), gather-excite with a global extent (``keepdims=True``, numpy's spelling),
+    CBAM and light CBAM (a mean and an amax over positions)."""
     timm_layers = pytest.importorskip("timm.layers")
+    from timm.layers import cbam
 
     net = nn.Sequential(
         conv(3, 16),
@@ -388,10 +417,12 @@ def test_timm_channel_attention_layers_stream_exactly():
         conv(16, 16, 2),
         timm_layers.SplitAttn(16, 16),
         timm_layers.GatherExcite(16, extent=0, use_mlp=False),
+        cbam.CbamModule(16),
+        cbam.LightCbamModule(16),
         conv(16, 4),
     ).eval()
     plan = check_exact(net, SHAPE, 48)
-    assert len(plan.barriers) == 5
+    assert len(plan.barriers) == 9
 
 
 class _NumpyNames(nn.Module):

@@ -531,8 +531,9 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
     ``tile_size``, not with the image size.
 
     Whole-image ops inside the model (squeeze-excitation and image pooling: a mean over all
-    positions; GroupNorm; InstanceNorm; BatchNorm in train mode with ``batchnorm="batch"``)
-    are streamed exactly by *staged streaming*: each is a barrier, whose exact statistics
+    positions; CBAM: a maximum over all positions; GroupNorm; InstanceNorm; BatchNorm in
+    train mode with ``batchnorm="batch"``) are streamed exactly by *staged streaming*: each
+    is a barrier, whose exact statistics
     come from a streamed pass of the model up to it; the plan is then a
     :class:`~tilefn.StagedPlan`. BatchNorm layers use their running statistics by default
     (``batchnorm="running"``); their affine parameters get exact gradients either way.
@@ -541,8 +542,8 @@ def streamify(model: nn.Module, tile_size: TileSize, **options: Any) -> Streamed
         model: A network made of local ops (convolutions, pooling, pointwise ops,
             BatchNorm with running statistics, per-pixel Linear/LayerNorm, upsampling by
             an integer factor, residual additions and concatenations) and whole-image
-            statistics (means over all positions, GroupNorm, InstanceNorm), returning
-            feature maps: a tensor or a tuple/list/dict of tensors.
+            statistics (means, sums and maxima over all positions, GroupNorm,
+            InstanceNorm), returning feature maps: a tensor or a tuple/list/dict of tensors.
         tile_size: Largest crop side, in input pixels, ever run through the model at
             once: an int, or one int per spatial dim. Bounds peak memory. ``"auto"``
             chooses it per input shape from ``memory_budget``: the plan the cost model

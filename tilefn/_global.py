@@ -39,6 +39,9 @@ __all__ = [
 
 _MEANS = (torch.mean, torch.Tensor.mean)
 _SUMS = (torch.sum, torch.Tensor.sum)
+_MAXES = (torch.amax, torch.Tensor.amax)
+_REDUCTIONS = {**dict.fromkeys(_MEANS, "mean"), **dict.fromkeys(_SUMS, "sum")}
+_REDUCTIONS.update(dict.fromkeys(_MAXES, "max"))
 _POOLS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 _NORMS = (F.group_norm, F.instance_norm, F.batch_norm)
 
@@ -47,7 +50,9 @@ _NORMS = (F.group_norm, F.instance_norm, F.batch_norm)
 class GlobalCall:
     """A call of a function that may read the whole map (see :func:`match`)."""
 
-    kind: str  # "mean", "sum", "pool" (adaptive average to size 1), "group", "instance", "batch"
+    # "mean", "sum", "max" (amax), "pool" (adaptive average to size 1), "group", "instance",
+    # "batch"
+    kind: str
     input: torch.Tensor
     dims: tuple[int, ...] | None = None  # reduced dims of mean/sum/pool (None: all dims)
     keepdim: bool = False
@@ -61,8 +66,8 @@ class GlobalCall:
 
     def apply(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         """What the call computes, given the exact statistics of its input: local work only."""
-        if self.kind in ("mean", "sum", "pool"):
-            (v,) = values
+        if self.kind in ("mean", "sum", "max", "pool"):
+            v = values[0]  # a maximum's second value is its number of ties
             if self.kind == "pool" or self.keepdim:
                 return v
             return v.reshape(()) if self.dims is None else v.squeeze(self.dims)
@@ -97,11 +102,11 @@ def _dims(dim: Any, ndim: int) -> tuple[int, ...] | None:
 
 def match(func: Any, args: tuple, kwargs: dict) -> GlobalCall | None:
     """The call as a :class:`GlobalCall` if ``func`` is one of the functions whose statistics
-    may span the whole map: ``mean``/``sum`` (function or method), adaptive average pooling
+    may span the whole map: ``mean``/``sum``/``amax`` (function or method), adaptive average pooling
     to size 1, ``F.group_norm``, ``F.instance_norm`` and ``F.batch_norm``. Purely syntactic
     (whether it reads a spatial map is the tracer's to decide), so that every run of the
     model matches the same calls in the same order."""
-    if func in _MEANS or func in _SUMS:
+    if func in _REDUCTIONS:
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
@@ -115,8 +120,10 @@ def match(func: Any, args: tuple, kwargs: dict) -> GlobalCall | None:
             return None  # named dims and the like: left to the tracer
         if raw is not None and len(dims or ()) == 0:
             return None  # dim=() means "all dims" only in old torch; let torch decide
+        if func in _MAXES and raw is None:
+            return None  # amax() needs its dims; torch refuses the call
         return GlobalCall(
-            "mean" if func in _MEANS else "sum",
+            _REDUCTIONS[func],
             x,
             dims=dims,
             keepdim=bool(bound.get("keepdim", False)),
@@ -202,6 +209,12 @@ class Barrier:
         return self.kind in ("group", "instance", "batch")
 
     @property
+    def n_values(self) -> int:
+        """Its statistics: a mean and a variance, a maximum and its number of ties (amax's
+        gradient is shared among them), or one mean or sum."""
+        return 2 if self.moments or self.kind == "max" else 1
+
+    @property
     def grouped_shape(self) -> tuple[int, ...]:
         if self.groups is None:
             return self.shape
@@ -220,17 +233,20 @@ class Barrier:
     @property
     def stat_bytes(self) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return (2 if self.moments else 1) * math.prod(self.stat_shape) * itemsize
+        return self.n_values * math.prod(self.stat_shape) * itemsize
 
     def placeholder(self, device: torch.device | str = "meta") -> tuple[torch.Tensor, ...]:
         """Statistics of the right shape and dtype, for recording the model on meta tensors."""
-        n = 2 if self.moments else 1
-        return tuple(torch.ones(self.stat_shape, dtype=self.dtype, device=device) for _ in range(n))
+        return tuple(
+            torch.ones(self.stat_shape, dtype=self.dtype, device=device)
+            for _ in range(self.n_values)
+        )
 
     def describe(self) -> str:
         what = {
             "mean": "mean over all positions",
             "sum": "sum over all positions",
+            "max": "maximum over all positions",
             "pool": "global average pooling",
             "group": f"GroupNorm statistics ({self.groups} groups)",
             "instance": "InstanceNorm statistics",
@@ -260,6 +276,16 @@ class Reduction:
             n, c, *rest = h.shape
             h = h.reshape(n, b.groups, c // b.groups, *rest)
         dims = list(b.reduce)
+        if b.kind == "max":  # exact in any order; ties counted, as amax shares its gradient
+            top = h.amax(dims, keepdim=True)
+            ties = (h == top).sum(dims, keepdim=True, dtype=torch.float64)
+            if self.total is None or self.m2 is None:
+                self.total, self.m2 = top, ties
+                return
+            new = torch.maximum(self.total, top)
+            self.m2 = self.m2 * (self.total == new) + ties * (top == new)
+            self.total = new
+            return
         if not b.moments:
             s = h.sum(dims, keepdim=True)
             self.total = s if self.total is None else self.total + s
@@ -282,6 +308,9 @@ class Reduction:
         b = self.barrier
         if self.total is None:  # pragma: no cover - every position is owned by some crop
             raise RuntimeError("tilefn: a barrier's map was never reduced")
+        if b.kind == "max":
+            assert self.m2 is not None
+            return self.total.to(b.dtype), self.m2.to(b.dtype)
         if not b.moments:
             v = self.total if b.kind == "sum" else self.total / b.count
             return (v.to(b.dtype),)
@@ -298,7 +327,8 @@ def surrogate(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A pointwise ``phi`` with ``sum(phi(h))`` having the gradient in ``h`` that the
     statistics' cotangents ``cots`` pull back to the map: ``c / n`` for a mean, ``c`` for a
-    sum, and ``(c_mean + 2 c_var (h - mean)) / n`` for a mean and a biased variance. The
+    sum, ``c / ties`` where ``h`` equals the maximum (and 0 elsewhere) for a maximum, and
+    ``(c_mean + 2 c_var (h - mean)) / n`` for a mean and a biased variance. The
     backward of the map's prefix with cotangent one everywhere is then the exact vjp of the
     statistics (``mean`` enters ``phi`` as a constant: the variance's gradient through the
     mean is zero)."""
@@ -310,6 +340,17 @@ def surrogate(
             return t
         return _per_channel(t, groups, h.shape[1], [1] * (h.dim() - 2))
 
+    if barrier.kind == "max":
+        top, ties = values[0].detach(), values[1].detach()
+        c = cots[0]
+        assert c is not None
+        share = c.detach() / ties
+
+        def phi_max(h: torch.Tensor) -> torch.Tensor:
+            at_top = h.detach() == top.to(h.dtype)  # constant: the gradient is the share
+            return h * at_top * share.to(h.dtype)
+
+        return phi_max
     if not barrier.moments:
         (c,) = cots
         assert c is not None

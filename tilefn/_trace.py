@@ -217,10 +217,11 @@ class _Recorder(TorchDispatchMode):
             path, cls = inside[-1]
             msg += (
                 f" It is part of the block '{path}' ({cls}). tilefn streams whole-image "
-                "statistics that are means or sums exactly (squeeze-excitation, image pooling "
-                "to 1 x 1, GroupNorm: staged streaming), but not this one (a maximum, or pooling "
-                "to a grid of bins). How to fix: if the block feeds a whole-image summary back "
-                "into every position, make that summary a mean, x.mean((2, 3), keepdim=True), "
+                "statistics that are means, sums or amax exactly (squeeze-excitation, CBAM, "
+                "image pooling to 1 x 1, GroupNorm: staged streaming), but not this one "
+                "(pooling to a grid of bins, a max with indices, max pooling to 1 x 1). How to "
+                "fix: if the block feeds a whole-image summary back into every position, make "
+                "that summary x.mean((2, 3), keepdim=True) or x.amax((2, 3), keepdim=True), "
                 f"or end the trunk before '{path}' and put the rest in the head; otherwise "
                 f"{err.fix}."
             )
@@ -488,7 +489,7 @@ class _Discovery:
             return None  # not computed from the image: a constant
         layout = rec.layouts[node]
         spatial = [i for i, dim in enumerate(layout) if has_spatial(dim)]
-        if call.kind in ("mean", "sum", "pool"):
+        if call.kind in ("mean", "sum", "max", "pool"):
             dims = call.dims if call.dims is not None else tuple(range(x.dim()))
             if not set(spatial) <= set(dims):
                 return None  # over channels only (local), or over some positions (refused)
