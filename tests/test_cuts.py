@@ -51,6 +51,18 @@ def test_a_segment_with_whole_image_ops_is_staged():
     assert isinstance(plan.segments[0], StagedPlan) and not isinstance(plan.segments[1], StagedPlan)
 
 
+@pytest.mark.filterwarnings("ignore:streamify. the plan for input shape")  # the small budget
+def test_plan_takes_the_options_that_change_the_plan():
+    trunk = resnet18_trunk()[:7]
+    plan = tilefn.plan(trunk, (1, 3, 512, 480), 256, cut_at="auto")
+    assert isinstance(plan, SegmentedPlan) and plan.cuts == ("4", "6")
+    assert plan == tilefn.streamify(trunk, 256, cut_at="auto")[0].plan((1, 3, 512, 480))
+    small = tilefn.plan(trunk, (1, 3, 512, 480), 256, memory_budget=2e6, cut_at="auto")
+    assert small.on_disk and not plan.on_disk
+    with pytest.raises(tilefn.OptionError, match="plan: unknown options"):
+        tilefn.plan(trunk, (1, 3, 512, 480), 256, cut_a="auto")
+
+
 def test_bad_cuts_are_refused():
     trunk = resnet18_trunk()
     with pytest.raises(tilefn.OptionError, match="not among them"):

@@ -51,9 +51,11 @@ def plan(
     tile_size: TileSize,
     dtype: torch.dtype | None = None,
     memory_budget: int | None = None,
-) -> TilePlan | StagedPlan:
+    **options: Any,
+) -> TilePlan | StagedPlan | SegmentedPlan:
     """The tiling plan of ``model`` on inputs of ``input_shape``, from shapes only (for a
-    model with whole-image ops, a :class:`~tilefn.StagedPlan`: one plan per stage).
+    model with whole-image ops, a :class:`~tilefn.StagedPlan`: one plan per stage; with
+    stage cuts, a :class:`~tilefn.SegmentedPlan`: one plan per segment).
 
     The model is recorded on meta tensors (no data, no memory); nothing is computed on an
     image. The plan lists the crops, the output blocks each one owns, the alignment, the
@@ -67,6 +69,8 @@ def plan(
         dtype: The compute dtype, used for the memory estimate; defaults to the dtype of
             the model's parameters.
         memory_budget: Bytes; needed with ``tile_size="auto"`` (see :func:`streamify`).
+        **options: Other options of :func:`streamify` that change the plan (``cut_at``,
+            ``spill_dir``, ``batchnorm``); the plan is then the one ``backbone.plan`` gives.
 
     Example:
         >>> import torch, tilefn
@@ -80,6 +84,9 @@ def plan(
     tile_size = canonical_tile(tile_size)
     check_tile_option(tile_size, budget, "plan")
     dtype = dtype or model_dtype(model)
+    if options:
+        opts = StreamOptions.from_kwargs({**options, "memory_budget": budget}, "plan")
+        return StreamedBackbone(model, tile_size, opts)._plan_of(shape, dtype)
     found = trace(model, shape, dtype, batch_stats=False)
     if found.barriers:
         program = StagedProgram(model, found, StreamOptions())
@@ -179,22 +186,28 @@ class StreamedBackbone(nn.Module):
 
     def plan(
         self, shape_or_input: Sequence[int] | torch.Tensor | ImageSource
-    ) -> TilePlan | StagedPlan:
+    ) -> TilePlan | StagedPlan | SegmentedPlan:
         """The cached :class:`TilePlan` for this input (or input shape); for a model with
-        whole-image ops, a :class:`StagedPlan` with one plan per stage."""
+        whole-image ops, a :class:`StagedPlan` with one plan per stage; with stage cuts, a
+        :class:`SegmentedPlan` with one plan per segment."""
         if isinstance(shape_or_input, (tuple, list, torch.Size)):
             shape = check_shape(tuple(shape_or_input), "plan")
             dtype = model_dtype(self._model)
         else:
             source, reader = self._source(shape_or_input)
             shape, dtype = tuple(source.shape), reader.dtype
+        return self._plan_of(shape, dtype)
+
+    def _plan_of(
+        self, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> TilePlan | StagedPlan | SegmentedPlan:
         if self.options.cut_at is not None:
             chain = self._segmented(shape, dtype)
             plans, seg_shape = [], shape
             for seg in chain.segments:
-                plans.append(seg.plan(seg_shape))
+                plans.append(seg._plan_of(seg_shape, dtype))
                 seg_shape = plans[-1].output_shapes[0]
-            return SegmentedPlan(  # type: ignore[return-value]
+            return SegmentedPlan(
                 chain.cuts, tuple(plans), chain.map_shapes, chain.map_sizes, chain.spill_dir
             )
         return self._plan(shape, dtype)[0]
