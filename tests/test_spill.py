@@ -105,6 +105,14 @@ def test_spilled_chain_is_exact(tmp_path, batchnorm):
     assert list(tmp_path.iterdir()) == []  # every map is removed once its graph is gone
 
 
+def test_spilled_chain_in_float32_is_close(tmp_path):
+    trunk = _trunk().float().eval()
+    x = torch.randn(1, 3, 67, 61)
+    opts = _spilling(spill_dir=str(tmp_path))
+    assert tilefn.streamify(trunk, 32, **opts)[0].plan(x.shape).on_disk
+    tilefn.testing.assert_streams_like(trunk, x, 32, **opts)  # float32: rtol = atol = 1e-4
+
+
 def test_spilled_maps_are_files_until_the_backward(tmp_path):
     trunk = _trunk().eval()
     x = torch.randn(1, 3, 40, 36, dtype=torch.float64, requires_grad=True)
