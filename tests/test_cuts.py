@@ -79,3 +79,26 @@ def test_bad_cuts_are_refused():
         tilefn.streamify(shared, 64, cut_at="auto")
     with pytest.raises(tilefn.OptionError, match="cut_at must be None, 'auto' or a list"):
         tilefn.streamify(trunk, 512, cut_at="layer1")
+
+
+def test_last_stats_sum_the_stages_and_segments():
+    """backbone.last_stats counts every crop of a staged model's stages and of a cut trunk's
+    segments, background skipping included."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1),
+    ).double()
+    x = torch.zeros(1, 3, 128, 128, dtype=torch.float64)
+    x[..., :40, :40] = torch.randn(1, 3, 40, 40, dtype=torch.float64)  # the rest: background
+    for options in ({}, {"cut_at": ["2"]}):
+        backbone, _ = tilefn.streamify(net, 32, **options)
+        plan = backbone.plan(x.shape)
+        backbone(x).sum().backward()
+        forward, backward = backbone.last_stats["forward"], backbone.last_stats["backward"]
+        assert forward.crops == plan.n_tiles, options
+        assert 0 < forward.constant < forward.crops and forward.skipped > 0, options
+        assert backward.crops > 0, options

@@ -123,7 +123,9 @@ class StreamedBackbone(nn.Module):
         self._plans = PlanCache()
         self._programs: dict = {}  # (shape, dtype, fingerprint) -> StagedProgram or None
         self._shown: set[int] = set()  # plans already printed or warned about
-        self._segments: dict = {}  # (shape, dtype) -> (cuts, segment backbones, map bytes)
+        self._segments: dict = {}  # (shape, dtype, fingerprint) -> _Chain
+        # What ran the last pass: the executor, a staged program, or a chain of segments.
+        self._last_run: Any = self._executor
         if options.cut_at is not None:
             _check_cuts(model, options.cut_at)
 
@@ -136,7 +138,13 @@ class StreamedBackbone(nn.Module):
     def last_stats(self) -> dict[str, PassStats]:
         """What the last streamed ``"forward"`` and ``"backward"`` passes computed: crops
         visited, constant crops (one value per sample and channel) and the classes of equal
-        ones, crops computed and skipped (see the option ``skip_constant``)."""
+        ones, crops computed and skipped (see the option ``skip_constant``); for a staged
+        model or a trunk with stage cuts, summed over its stages or segments."""
+        last = self._last_run
+        if isinstance(last, _Chain):
+            return _merged([seg.last_stats for seg in last.segments])
+        if isinstance(last, StagedProgram):
+            return _merged([e.last_stats for e in last.executors])
         return dict(self._executor.last_stats)
 
     def train(self, mode: bool = True) -> StreamedBackbone:
@@ -307,6 +315,7 @@ class StreamedBackbone(nn.Module):
         source, reader = self._source(x)
         if self.options.cut_at is not None:
             chain = self._segmented(tuple(source.shape), reader.dtype)
+            self._last_run = chain
             if chain.spill_dir is not None:
                 return self._spilled(chain, source)
             for seg in chain.segments:
@@ -338,9 +347,11 @@ class StreamedBackbone(nn.Module):
 
     def _runner(self, plan_, source: ImageSource, reader: CropReader):
         """What runs ``plan_``: the executor, or for a staged plan the staged program."""
+        runner: Any = self._executor
         if isinstance(plan_, StagedPlan):
-            return self._program(tuple(source.shape), reader.dtype)
-        return self._executor
+            runner = self._program(tuple(source.shape), reader.dtype)
+        self._last_run = runner
+        return runner
 
     def vjp(self, x: Any, cotangent: Any, *, saliency: bool) -> tuple[dict, torch.Tensor | None]:
         """``(param_grads, input_grad)`` of ``<cotangent, model(x)>``, tile by tile."""
@@ -432,6 +443,19 @@ class _Chain:
     map_shapes: tuple[tuple[int, ...], ...]
     map_sizes: tuple[int, ...]
     spill_dir: str | None  # None: the maps stay in memory
+
+
+def _merged(parts: Sequence[dict[str, PassStats]]) -> dict[str, PassStats]:
+    """The pass statistics of several stages or segments, summed per kind of pass."""
+    out: dict[str, PassStats] = {}
+    for stats in parts:
+        for kind, s in stats.items():
+            total = out.setdefault(kind, PassStats(kind))
+            total.crops += s.crops
+            total.constant += s.constant
+            total.computed += s.computed
+            total.classes |= s.classes
+    return out
 
 
 def _on_disk(map_sizes: Sequence[int], k: int) -> int:
