@@ -36,15 +36,20 @@ def test_cut_trunk_streams_exactly(cut_at):
     assert "SegmentedPlan: " in str(plan)
 
 
-def test_a_segment_with_whole_image_ops_is_staged():
+def _gn_trunk() -> nn.Sequential:
+    """A trunk with one GroupNorm (a barrier) before a stride-2 conv."""
     torch.manual_seed(0)
-    net = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.GroupNorm(2, 8),
         nn.Conv2d(8, 8, 3, stride=2, padding=1),
         nn.ReLU(),
         nn.Conv2d(8, 4, 3, padding=1),
     ).double()
+
+
+def test_a_segment_with_whole_image_ops_is_staged():
+    net = _gn_trunk()
     x = torch.randn(2, 3, 96, 80, dtype=torch.float64)
     tilefn.testing.assert_streams_like(net, x, 48, cut_at=["2"])
     plan = tilefn.streamify(net, 48, cut_at=["2"])[0].plan(x.shape)
@@ -84,14 +89,7 @@ def test_bad_cuts_are_refused():
 def test_last_stats_sum_the_stages_and_segments():
     """backbone.last_stats counts every crop of a staged model's stages and of a cut trunk's
     segments, background skipping included."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.GroupNorm(2, 8),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 4, 3, padding=1),
-    ).double()
+    net = _gn_trunk()
     x = torch.zeros(1, 3, 128, 128, dtype=torch.float64)
     x[..., :40, :40] = torch.randn(1, 3, 40, 40, dtype=torch.float64)  # the rest: background
     for options in ({}, {"cut_at": ["2"]}):

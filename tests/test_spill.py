@@ -230,3 +230,24 @@ def test_peak_memory_stays_within_the_budget_when_the_maps_do_not(tmp_path):
     # The same step with the maps in memory needs more than the budget: the check bites.
     held = _step_memory(4e9, tmp_path)
     assert not held["on_disk"] and held["step"] > 2 * budget, held
+
+
+def test_maps_on_disk_with_a_process_group_are_refused(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        group = dist.new_group([0])
+        backbone, _ = tilefn.streamify(_trunk(), 32, **_spilling(process_group=group))
+        with pytest.raises(tilefn.OptionError, match="not supported with process_group= yet"):
+            backbone.plan((2, 3, 67, 61))
+        # Maps that fit in memory are fine with a group (a trunk without whole-image ops).
+        local = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        fits, _ = tilefn.streamify(local, 32, cut_at=["2"], process_group=group)
+        assert not fits.plan((2, 3, 67, 61)).on_disk
+    finally:
+        dist.destroy_process_group()

@@ -179,9 +179,7 @@ class StreamedBackbone(nn.Module):
             names.append(trained)
             frozen.append({n: t for n, t in state.items() if n not in trained})
             params += [state[n] for n in trained]
-        call = ChainCall(
-            chain.segments, source, names, frozen, chain.spill_dir, self.options.process_group
-        )
+        call = ChainCall(chain.segments, source, names, frozen, chain.spill_dir)
         tensor = source.tensor
         x_grad = tensor is not None and tensor.requires_grad
         if torch.is_grad_enabled() and (x_grad or params):
@@ -243,6 +241,14 @@ class StreamedBackbone(nn.Module):
             if budget is not None:
                 held = 2 * sum(map_sizes)
                 if held > budget / 2:
+                    if self.options.process_group is not None:
+                        raise OptionError(
+                            "streamify: the stage cuts' stored maps and their gradients "
+                            f"({_human(held)}) need more than half of memory_budget "
+                            f"({_human(budget)}), so they would go to disk, which is not "
+                            "supported with process_group= yet. Raise memory_budget, or "
+                            "leave cut_at=None."
+                        )
                     spill_dir, held = self.options.spill_dir or tempfile.gettempdir(), 0
                 share = max(int((budget - held) / (len(starts) - 1)), 1)
             segments = []

@@ -22,7 +22,7 @@ from ._errors import TransformError
 from ._execute import AutocastState, Executor, Kept, RngState
 from ._inputs import CropReader, ImageSource, TensorImage
 
-__all__ = ["StreamedCall", "StreamedFunction"]
+__all__ = ["StreamedCall", "StreamedFunction", "first_order_only"]
 
 
 class Runner(Protocol):
@@ -116,12 +116,7 @@ class StreamedFunction(torch.autograd.Function):
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         for k, g in zip(wanted, grads):
             param_grads[k] = g
-        results = (input_grad, *param_grads)
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must not be differentiated
-            results = tuple(
-                _FirstOrderOnly.apply(g, *params) if g is not None else None for g in results
-            )
-        return (None, *results)
+        return (None, *first_order_only((input_grad, *param_grads), params))
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
@@ -139,6 +134,16 @@ class StreamedFunction(torch.autograd.Function):
             "backbone(x.flatten(0, 1)) for x of shape (B, N, C, H, W), and reshape the output "
             "back; for an ensemble of parameter sets, stream each set in turn."
         )
+
+
+def first_order_only(
+    grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    """``grads`` as a streamed backward returns them: under ``create_graph=True`` each is
+    wrapped so that differentiating it again raises (see :class:`_FirstOrderOnly`)."""
+    if not torch.is_grad_enabled():
+        return tuple(grads)
+    return tuple(_FirstOrderOnly.apply(g, *params) if g is not None else None for g in grads)
 
 
 class _FirstOrderOnly(torch.autograd.Function):

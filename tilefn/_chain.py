@@ -27,9 +27,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ._autograd import StreamedFunction, _FirstOrderOnly, _KeptGraphs
+from ._autograd import StreamedFunction, _KeptGraphs, first_order_only
 from ._compat import requires_grad_allowed
-from ._errors import OptionError
 from ._execute import AutocastState, RngState
 from ._inputs import CropReader, ImageSource, TensorImage
 from ._spill import DiskMap
@@ -68,7 +67,6 @@ class ChainCall:
     names: Sequence[Sequence[str]]  # per segment, the names of its parameter inputs
     frozen: Sequence[dict[str, torch.Tensor]]  # per segment, its other parameters, buffers
     directory: str | os.PathLike | None  # where the maps go (None: the temp directory)
-    process_group: Any = None
     out_spec: Any = None  # the structure of the trunk's output (of the last segment's)
     links: list[_Link] = field(default_factory=list)
     maps: list[DiskMap] = field(default_factory=list)
@@ -88,17 +86,8 @@ class ChainCall:
 def run_chain(
     call: ChainCall, x: torch.Tensor | None, params: Sequence[torch.Tensor], keep: bool
 ) -> tuple[list[torch.Tensor], dict]:
-    """The chain's forward: the last segment's outputs and its kept crop graphs."""
-    if call.process_group is not None:
-        raise OptionError(
-            "streamify: stage cuts whose maps go to disk (they do not fit in memory_budget) "
-            "are not supported with process_group= yet. Raise memory_budget, or leave "
-            "cut_at=None."
-        )
-    for m in call.maps:
-        m.close()
-    call.links.clear()
-    call.maps.clear()
+    """The chain's forward (once per :class:`ChainCall`): the last segment's outputs and
+    its kept crop graphs."""
     source = call.source if x is None else TensorImage(x)
     per_segment = call.split(params)
     last = len(call.segments) - 1
@@ -189,12 +178,7 @@ class ChainFunction(torch.autograd.Function):
             cots = [target]
             if k == 0:
                 input_grad = ig
-        results = (input_grad, *grads)
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must not be differentiated
-            results = tuple(
-                _FirstOrderOnly.apply(g, *params) if g is not None else None for g in results
-            )
-        return (None, *results)
+        return (None, *first_order_only((input_grad, *grads), params))
 
     # Forward mode and vmap are refused with the streamed node's messages.
     jvp = staticmethod(StreamedFunction.jvp)
