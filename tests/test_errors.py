@@ -214,14 +214,14 @@ UNSUPPORTED: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], str]] = [
         r"'1' \(Resize\)",
     ),
     (
-        "interpolate-align-corners",
-        lambda: seq(_conv(), Resize(scale_factor=2, mode="bilinear", align_corners=True)),
+        "interpolate-align-corners-bicubic",
+        lambda: seq(_conv(), Resize(scale_factor=2, mode="bicubic", align_corners=True)),
         (1, 3, 32, 32),
         r"'1' \(Resize\)",
     ),
     (
-        "upsample-module-align-corners",
-        lambda: seq(_conv(), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)),
+        "upsample-module-align-corners-non-integer",
+        lambda: seq(_conv(), nn.Upsample(scale_factor=1.5, mode="bilinear", align_corners=True)),
         (1, 3, 32, 32),
         r"'1' \(Upsample\)",
     ),

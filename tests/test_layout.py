@@ -15,6 +15,7 @@ ORDER = [
     "_compat",
     "_options",
     "_geometry",
+    "_positions",
     "_rules",
     "_view_rules",
     "_window_rules",

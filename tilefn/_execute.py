@@ -34,6 +34,7 @@ from ._errors import PlanError
 from ._inputs import CropReader, ImageSource, Prefetched, scatter_add
 from ._options import StreamOptions
 from ._plan import TilePlan
+from ._positions import AtCrop
 from ._schedule import backward_order, crop_groups, kept_crops, owned_slices, rank_share
 from ._spill import DiskMap
 from ._trace import RunningStats, batchnorm_eval
@@ -194,7 +195,8 @@ class Executor:
         parameters and buffers ``state`` if given (else the model's own); per crop, its
         output leaves and its input leaf (or None)."""
         reads = [reader(source, plan.crops[i].box, want_input) for i in group]
-        return self._call(plan, [r[0] for r in reads], rng, state), [r[1] for r in reads]
+        inputs = [r[0] for r in reads]
+        return self._call(plan, inputs, rng, state, group), [r[1] for r in reads]
 
     def _call(
         self,
@@ -202,16 +204,21 @@ class Executor:
         inputs: list[torch.Tensor],
         rng: RngState | None,
         state: Mapping[str, torch.Tensor] | None,
+        crops: Sequence[int],
     ) -> list[list[torch.Tensor]]:
-        """One model call on ``inputs`` (same-shaped crops) stacked along the batch dim; the
-        output leaves of each crop."""
+        """One model call on ``inputs`` (same-shaped crops, the plan's crops ``crops``)
+        stacked along the batch dim; the output leaves of each crop."""
         if rng is not None:
             rng.restore()
         batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-        if state is None:
-            out = self.model(batch)
-        else:
-            out = functional_call(self.model, dict(state), (batch,), strict=False)
+        at = contextlib.nullcontext()
+        if plan.positional:  # ops that depend on the crop's place: computed there
+            at = AtCrop(plan.positional, [[a for a, _ in plan.crops[i].box] for i in crops])
+        with at:
+            if state is None:
+                out = self.model(batch)
+            else:
+                out = functional_call(self.model, dict(state), (batch,), strict=False)
         if rng is not None:
             rng.check()
         leaves = tree_flatten(out)[0]
@@ -263,7 +270,8 @@ class Executor:
                 run.append(look)
                 if look.key is not None:
                     pending.add(look.key)
-        computed = self._call(plan, [look.input() for look in run], rng, state) if run else []
+        inputs = [look.input() for look in run]
+        computed = self._call(plan, inputs, rng, state, [look.index for look in run]) if run else []
         stats.computed += len(run)
         by_index, by_key = {}, {}
         for look, leaves in zip(run, computed):
@@ -305,7 +313,9 @@ class Executor:
         distributed = self.options.process_group is not None
         new = torch.Tensor.new_zeros if distributed else torch.Tensor.new_empty
         groups = crop_groups(plan, mine, kept_ids, self.options.crop_batch)
-        cache = OutputCache() if self.options.skip_constant else None
+        # Constant crops share one computation per class only where every crop computes the
+        # same function: not with ops that depend on the crop's place (align_corners=True).
+        cache = OutputCache() if self.options.skip_constant and not plan.positional else None
         stats = PassStats("forward")
         boxes = [plan.crops[i].box for group in groups for i in group]
         with self._reading(source, reader, boxes) as source, self._context(rng):
@@ -419,7 +429,7 @@ class Executor:
         groups = crop_groups(plan, order, usable, self.options.crop_batch)
         # Constant crops share one backward per class, except when the input gradient is
         # wanted (each crop's differs).
-        skipping = self.options.skip_constant and not want_input
+        skipping = self.options.skip_constant and not want_input and not plan.positional
         classes: dict = {}  # class -> (the representative's Look, its member crops)
         stats = PassStats("backward")
         amp = autocast.apply if autocast is not None else contextlib.nullcontext
@@ -473,7 +483,8 @@ class Executor:
                                 classes.setdefault(look.key, (look, []))[1].append(look.index)
                         ids, leafs = [look.index for look in rest], [None] * len(rest)
                         inputs = [look.input() for look in rest]
-                        per_crop = self._call(plan, inputs, rng, state) if rest else []
+                        crops = [look.index for look in rest]
+                        per_crop = self._call(plan, inputs, rng, state, crops) if rest else []
                         del rest, inputs
                     else:
                         ids = group
@@ -488,7 +499,7 @@ class Executor:
             # blocks added at their places in its output (exact by linearity).
             for look, members in classes.values():
                 with torch.enable_grad(), amp():
-                    leaves = self._call(plan, [look.input()], rng, state)[0]
+                    leaves = self._call(plan, [look.input()], rng, state, [look.index])[0]
                 stats.computed += 1
                 blocks = [[(o, dst, src) for o, (dst, src) in owned_by[i]] for i in members]
                 summed = class_cotangents(leaves, blocks, cotangents)

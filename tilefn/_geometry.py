@@ -22,6 +22,7 @@ __all__ = [
     "Window",
     "TransposedWindow",
     "Upsample",
+    "AlignedUpsample",
     "Reflect",
     "Circular",
     "hull",
@@ -156,6 +157,30 @@ class Upsample(DimMap):
         if self.mode == "cubic":
             return (first - 1, last + 2)
         raise ValueError(f"unknown upsampling mode {self.mode!r}")  # internal: rules check modes
+
+
+@dataclass(frozen=True)
+class AlignedUpsample(DimMap):
+    """Linear upsampling by an integer factor with ``align_corners=True``: output ``o`` of the
+    whole map (``factor * in_size`` positions) reads the two inputs around
+    ``o * (in_size - 1) / (factor * in_size - 1)``. Not translation-equivariant: crops compute
+    it at their place in the image (see ``_positions``)."""
+
+    factor: int
+
+    @property
+    def scale(self) -> Fraction:  # type: ignore[override]
+        return Fraction(1, self.factor)
+
+    def back(self, lo: int, hi: int, in_size: int) -> Interval:
+        n, big_n = in_size, self.factor * in_size
+        if big_n <= 1:
+            return (0, 0)
+        # The kernels compute the source position in floating point, which may round across
+        # an integer: one position of margin on either side.
+        first = max(lo * (n - 1) // (big_n - 1) - 1, 0)
+        last = min(hi * (n - 1) // (big_n - 1) + 2, n - 1)
+        return (first, last)
 
 
 @dataclass(frozen=True)

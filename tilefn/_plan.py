@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from ._positions import AlignedCall
+
 __all__ = ["Span", "Crop", "TilePlan", "kept_count"]
 
 
@@ -58,6 +60,9 @@ class TilePlan:
     crop_activation_bytes: int
     memory_estimate: int
     uses_rng: bool
+    # The model's F.interpolate(..., align_corners=True) calls, which each crop computes at
+    # its place (see ``_positions``); empty for most models.
+    positional: tuple[AlignedCall | None, ...] = ()
 
     @functools.cached_property
     def crops(self) -> tuple[Crop, ...]:

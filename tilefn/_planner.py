@@ -454,6 +454,7 @@ class _Planner:
             crop_activation_bytes=biggest.activation_bytes,
             memory_estimate=self.fixed_bytes() + 2 * biggest.activation_bytes,
             uses_rng=full.uses_rng,
+            positional=full.aligned if any(c is not None for c in full.aligned) else (),
         )
 
 

@@ -35,8 +35,9 @@ from ._compat import (
     writes_argument,
 )
 from ._errors import InputError, TilefnError, TraceError, UnsupportedLayerError, see_docs
-from ._geometry import Circular, DimMap, Graph, Identity, Node, Op
+from ._geometry import AlignedUpsample, Circular, DimMap, Graph, Identity, Node, Op
 from ._global import Barrier, GlobalCall, GlobalOps
+from ._positions import AlignedCall, interpolate_arguments, is_aligned
 from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, has_spatial, ns
 from ._view_rules import VIEW_RULES  # noqa: F401 - importing registers the built-in rules
 from ._window_rules import WINDOW_RULES  # noqa: F401 - importing registers the built-in rules
@@ -74,6 +75,8 @@ class Trace:
     # ops, and for every call GlobalOps matched, the index of its barrier (None: local).
     barriers: tuple[Barrier, ...] = ()
     global_calls: tuple[int | None, ...] = ()
+    # Every F.interpolate(..., align_corners=True), in order: computed at each crop's place.
+    aligned: tuple[AlignedCall | None, ...] = ()
 
 
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training")
@@ -176,6 +179,7 @@ class _Recorder(TorchDispatchMode):
         self.activation_bytes = 0
         self.uses_rng = False
         self.paused = False
+        self.aligned: list[AlignedCall | None] = []  # see _FunctionMode.aligned_interpolate
 
     def add_node(self, t: torch.Tensor, layout: Layout, node: Node) -> int:
         self.nodes.append(node)
@@ -577,6 +581,8 @@ class _FunctionMode(TorchFunctionMode):
         if func is F.interpolate:
             x = args[0] if args else kwargs.get("input")
             n = x.dim() - 2 if isinstance(x, torch.Tensor) else 0
+            if is_aligned(interpolate_arguments(args, kwargs)):
+                return self.aligned_interpolate(x, n, func, args, kwargs)
             if n > 0 and id(x) not in self.rec.node_of and all(s == 1 for s in x.shape[2:]):
                 # A 1 x 1 map upsampled is its value everywhere (any mode): record it as a
                 # broadcast, which every crop reproduces at its own size.
@@ -586,6 +592,9 @@ class _FunctionMode(TorchFunctionMode):
                 finally:
                     self.rec.paused = False
                 return x.expand(shape)
+        return self._run(func, args, kwargs)
+
+    def _run(self, func, args, kwargs):
         if func is F.interpolate and torch.are_deterministic_algorithms_enabled():
             warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
             torch.use_deterministic_algorithms(False)
@@ -594,6 +603,45 @@ class _FunctionMode(TorchFunctionMode):
             finally:
                 torch.use_deterministic_algorithms(True, warn_only=warn_only)
         return func(*args, **kwargs)
+
+    def aligned_interpolate(self, x: Any, n: int, func, args, kwargs):
+        """Record an interpolation with ``align_corners=True`` for the executor, which computes
+        it at each crop's place (``_positions``): the whole map's sizes and strides, or None
+        for one of a constant."""
+        rec = self.rec
+        node = rec.node_of.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if node is None or n <= 0:
+            rec.aligned.append(None)
+            if n > 0 and isinstance(x, torch.Tensor) and all(s == 1 for s in x.shape[2:]):
+                # A 1 x 1 summary upsampled back: its value everywhere, as above.
+                rec.paused = True
+                try:
+                    shape = func(*args, **kwargs).shape
+                finally:
+                    rec.paused = False
+                return x.expand(shape)
+            return self._run(func, args, kwargs)
+        layout, first = rec.layouts[node], x.dim() - n
+        dims = [layout[i][0] if len(layout[i]) == 1 else -1 for i in range(first, x.dim())]
+        if any(d < 0 for d in dims):
+            raise rec.refuse(
+                F.interpolate,
+                Refuse(
+                    "interpolates with align_corners=True a tensor whose interpolated dims "
+                    "are not the image's spatial dims"
+                ),
+            )
+        out = self._run(func, args, kwargs)
+        scales = rec.nodes[node].scales
+        rec.aligned.append(
+            AlignedCall(
+                dims=tuple(dims),
+                in_sizes=tuple(x.shape[first:]),
+                out_sizes=tuple(out.shape[first:]),
+                strides=tuple(scales[d] for d in dims),
+            )
+        )
+        return out
 
 
 # Identities of the hooks traces have registered right now (a model's fingerprint leaves them
@@ -745,6 +793,7 @@ def _record_model(
         out_shapes.append(tuple(leaf.shape))
         out_dims.append(tuple(lone[k] for k in range(ndim)))
     graph = Graph(tuple(rec.nodes), tuple(rec.ops), tuple(out_nodes))
+    _check_aligned(graph, rec.aligned)
     return Trace(
         graph=graph,
         out_spec=out_spec,
@@ -756,4 +805,25 @@ def _record_model(
         uses_rng=rec.uses_rng,
         barriers=tuple(discovery.barriers) if discovery else (),
         global_calls=tuple(discovery.calls) if discovery else (),
+        aligned=tuple(rec.aligned),
     )
+
+
+def _check_aligned(graph: Graph, calls: list[AlignedCall | None]) -> None:
+    """Every op that samples with ``align_corners=True`` must come from an ``F.interpolate``
+    call the executor sees (an aten op called directly would run on the crop as if it were
+    the image: silently wrong)."""
+    ops = [
+        op
+        for op in graph.ops
+        if any(isinstance(m, AlignedUpsample) for _, ms in op.inputs for m in ms)
+    ]
+    seen = sum(c is not None for c in calls)
+    if len(ops) != seen:
+        op = ops[-1] if ops else None
+        where = f"layer {op.where} ({op.name})" if op else "the model"
+        raise UnsupportedLayerError(
+            f"streamify: {where} interpolates with align_corners=True without calling "
+            "torch.nn.functional.interpolate, so tilefn cannot compute it at each crop's place. "
+            f"How to fix: call F.interpolate (or nn.Upsample). {see_docs()}"
+        )

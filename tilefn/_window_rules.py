@@ -11,7 +11,15 @@ from fractions import Fraction
 
 import torch
 
-from ._geometry import DimMap, Identity, Reflect, TransposedWindow, Upsample, Window
+from ._geometry import (
+    AlignedUpsample,
+    DimMap,
+    Identity,
+    Reflect,
+    TransposedWindow,
+    Upsample,
+    Window,
+)
 from ._rules import (
     OpCall,
     OpGeometry,
@@ -174,11 +182,13 @@ def _upsample(call: OpCall, mode: str, n: int) -> OpGeometry:
     """Interpolation in ``mode`` (nearest, nearest-exact, linear, cubic) over the last ``n``
     dims, by integer scale factors."""
     t = call.args["input"] if "input" in call.args else call.args["self"]
-    if call.args.get("align_corners"):
+    aligned = bool(call.args.get("align_corners"))
+    if aligned and mode != "linear":
         raise Refuse(
-            "interpolates with align_corners=True, whose sampling grid depends on the size of "
-            "the whole image",
-            "use align_corners=False with an integer scale_factor",
+            "interpolates bicubically with align_corners=True, whose sampling grid depends on "
+            "the size of the whole image (tilefn computes it at each crop's place for linear "
+            "modes only)",
+            "use mode='bilinear', or align_corners=False with an integer scale_factor",
         )
     if "scale_factors" in call.args:
         scales = call.args["scale_factors"]
@@ -198,7 +208,17 @@ def _upsample(call: OpCall, mode: str, n: int) -> OpGeometry:
         ratios = [Fraction(float(s)).limit_denominator(1 << 20) for s in scales]
     maps: list[DimMap] = []
     for r in ratios:
-        if r.denominator == 1 and r >= 1:
+        if r.denominator == 1 and r >= 1 and aligned:
+            maps.append(AlignedUpsample(int(r)))
+        elif aligned:
+            raise Refuse(
+                f"interpolates with align_corners=True by the ratio {r}, which is not an "
+                "integer factor, so output positions do not sit on a fixed grid of input "
+                "positions",
+                "upsample by an integer factor (scale_factor=2, or size= an integer multiple "
+                "of the input size)",
+            )
+        elif r.denominator == 1 and r >= 1:
             maps.append(Upsample(int(r), mode))
         elif r.numerator == 1 and mode == "nearest":  # nearest by 1/k: every k-th position
             k = r.denominator
