@@ -203,3 +203,26 @@ def test_segmentation_models_fpn_streams_exactly():
     net = net.double()
     x = torch.randn(1, 3, 256, 224, dtype=torch.float64)
     assert_streams_like(net, x, 192)
+
+
+class PooledBranch(nn.Module):
+    """A 1 x 1 summary upsampled back with align_corners=True (PAN's and PSPNet's pooling
+    branch): a constant on every crop, next to a spatial aligned upsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        s = self.b(F.adaptive_avg_pool2d(h, 1))
+        h = h + F.interpolate(s, size=h.shape[-2:], mode="bilinear", align_corners=True)
+        return F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+def test_a_pooled_summary_upsampled_with_align_corners_streams_exactly():
+    torch.manual_seed(0)
+    net = PooledBranch().double()
+    x = torch.randn(1, 3, 96, 80, dtype=torch.float64)
+    assert_streams_like(net, x, 32)

@@ -28,15 +28,25 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._errors import PlanError
+
 __all__ = ["AlignedCall", "AtCrop", "aligned_interpolate", "interpolate_arguments"]
 
 _LINEAR = ("linear", "bilinear", "trilinear")
-_NAMES = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor")
+_NAMES = (
+    "input",
+    "size",
+    "scale_factor",
+    "mode",
+    "align_corners",
+    "recompute_scale_factor",
+    "antialias",
+)
 
 
 def interpolate_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments of an ``F.interpolate`` call by name."""
-    return {**dict(zip(_NAMES + ("antialias",), args)), **kwargs}
+    return {**dict(zip(_NAMES, args)), **kwargs}
 
 
 def is_aligned(bound: dict[str, Any]) -> bool:
@@ -124,9 +134,9 @@ class AtCrop(TorchFunctionMode):
             return func(*args, **kwargs)
         position = self.count
         self.count += 1
-        if position >= len(self.calls):
-            raise RuntimeError(
-                "tilefn: the model made more interpolations with align_corners=True than when "
+        if position >= len(self.calls):  # pragma: no cover - the program comparison finds it
+            raise PlanError(
+                "streamify: the model made more interpolations with align_corners=True than when "
                 "it was recorded: its forward depends on something that changed. Please "
                 "report this with the model."
             )

@@ -581,9 +581,12 @@ class _FunctionMode(TorchFunctionMode):
         if func is F.interpolate:
             x = args[0] if args else kwargs.get("input")
             n = x.dim() - 2 if isinstance(x, torch.Tensor) else 0
+            spatial = isinstance(x, torch.Tensor) and id(x) in self.rec.node_of
             if is_aligned(interpolate_arguments(args, kwargs)):
-                return self.aligned_interpolate(x, n, func, args, kwargs)
-            if n > 0 and id(x) not in self.rec.node_of and all(s == 1 for s in x.shape[2:]):
+                if spatial and n > 0:
+                    return self.aligned_interpolate(x, n, func, args, kwargs)
+                self.rec.aligned.append(None)  # of a constant: runs as it is on every crop
+            if n > 0 and not spatial and all(s == 1 for s in x.shape[2:]):
                 # A 1 x 1 map upsampled is its value everywhere (any mode): record it as a
                 # broadcast, which every crop reproduces at its own size.
                 self.rec.paused = True
@@ -606,21 +609,9 @@ class _FunctionMode(TorchFunctionMode):
 
     def aligned_interpolate(self, x: Any, n: int, func, args, kwargs):
         """Record an interpolation with ``align_corners=True`` for the executor, which computes
-        it at each crop's place (``_positions``): the whole map's sizes and strides, or None
-        for one of a constant."""
+        it at each crop's place (``_positions``): the whole map's sizes and strides."""
         rec = self.rec
-        node = rec.node_of.get(id(x)) if isinstance(x, torch.Tensor) else None
-        if node is None or n <= 0:
-            rec.aligned.append(None)
-            if n > 0 and isinstance(x, torch.Tensor) and all(s == 1 for s in x.shape[2:]):
-                # A 1 x 1 summary upsampled back: its value everywhere, as above.
-                rec.paused = True
-                try:
-                    shape = func(*args, **kwargs).shape
-                finally:
-                    rec.paused = False
-                return x.expand(shape)
-            return self._run(func, args, kwargs)
+        node = rec.node_of[id(x)]
         layout, first = rec.layouts[node], x.dim() - n
         dims = [layout[i][0] if len(layout[i]) == 1 else -1 for i in range(first, x.dim())]
         if any(d < 0 for d in dims):

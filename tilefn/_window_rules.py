@@ -208,8 +208,8 @@ def _upsample(call: OpCall, mode: str, n: int) -> OpGeometry:
         ratios = [Fraction(float(s)).limit_denominator(1 << 20) for s in scales]
     maps: list[DimMap] = []
     for r in ratios:
-        if r.denominator == 1 and r >= 1 and aligned:
-            maps.append(AlignedUpsample(int(r)))
+        if r.denominator == 1 and r >= 1:
+            maps.append(AlignedUpsample(int(r)) if aligned else Upsample(int(r), mode))
         elif aligned:
             raise Refuse(
                 f"interpolates with align_corners=True by the ratio {r}, which is not an "
@@ -218,8 +218,6 @@ def _upsample(call: OpCall, mode: str, n: int) -> OpGeometry:
                 "upsample by an integer factor (scale_factor=2, or size= an integer multiple "
                 "of the input size)",
             )
-        elif r.denominator == 1 and r >= 1:
-            maps.append(Upsample(int(r), mode))
         elif r.numerator == 1 and mode == "nearest":  # nearest by 1/k: every k-th position
             k = r.denominator
             maps.append(Window(kernel=1, stride=k, after=1 - k))
