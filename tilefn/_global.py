@@ -21,18 +21,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._positions import crop_starts
+
 __all__ = [
+    "LSE_KINDS",
     "Barrier",
     "GlobalCall",
     "GlobalOps",
     "Reduction",
     "StopAtBarrier",
+    "Unmerge",
     "match",
     "surrogate",
 ]
@@ -44,6 +49,33 @@ _REDUCTIONS = {**dict.fromkeys(_MEANS, "mean"), **dict.fromkeys(_SUMS, "sum")}
 _REDUCTIONS.update(dict.fromkeys(_MAXES, "max"))
 _POOLS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 _NORMS = (F.group_norm, F.instance_norm, F.batch_norm)
+# softmax and log_softmax over one dim: (input, dim, dtype) by position, per function
+_SOFTMAXES = {
+    F.softmax: ("softmax", ("input", "dim", "_stacklevel", "dtype")),
+    torch.softmax: ("softmax", ("input", "dim", "dtype")),
+    torch.Tensor.softmax: ("softmax", ("input", "dim", "dtype")),
+    F.log_softmax: ("log_softmax", ("input", "dim", "_stacklevel", "dtype")),
+    torch.log_softmax: ("log_softmax", ("input", "dim", "dtype")),
+    torch.Tensor.log_softmax: ("log_softmax", ("input", "dim", "dtype")),
+}
+_LOGSUMEXPS = (torch.logsumexp, torch.Tensor.logsumexp)
+_MATMULS = (
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.bmm,
+    torch.Tensor.bmm,
+)
+# Reshapes, whose input shapes a stage reads back to undo a flattening of spatial dims.
+_RESHAPES = (
+    torch.reshape,
+    torch.Tensor.reshape,
+    torch.Tensor.view,
+    torch.flatten,
+    torch.Tensor.flatten,
+)
+# Kinds whose statistic is a log-sum-exp over the reduced dims.
+LSE_KINDS = ("softmax", "log_softmax", "logsumexp")
 
 
 @dataclass
@@ -51,9 +83,10 @@ class GlobalCall:
     """A call of a function that may read the whole map (see :func:`match`)."""
 
     # "mean", "sum", "max" (amax), "pool" (adaptive average to size 1), "group", "instance",
-    # "batch"
+    # "batch", "softmax", "log_softmax", "logsumexp", "contract" (a matmul: the sum over its
+    # contracted dim of the product map, see :meth:`product`)
     kind: str
-    input: torch.Tensor
+    input: torch.Tensor | None
     dims: tuple[int, ...] | None = None  # reduced dims of mean/sum/pool (None: all dims)
     keepdim: bool = False
     dtype: torch.dtype | None = None
@@ -63,15 +96,35 @@ class GlobalCall:
     eps: float = 1e-5
     batch_stats: bool = False  # normalises with statistics of its input (F.batch_norm training)
     running: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    operands: tuple[torch.Tensor, torch.Tensor] | None = None  # of a matmul
+    bins: tuple[int, ...] | None = None  # adaptive average pooling to this grid
+
+    def product(self) -> torch.Tensor:
+        """A matmul ``a @ b`` (``(..., M, P) @ (..., P, N)``) as a reduction: the map
+        ``a[..., :, :, None] * b[..., None, :, :]`` of shape ``(..., M, P, N)``, whose sum over
+        ``P`` (dim -2) is the product. Built only where the contraction is over positions
+        (the map is then no larger than ``M * N`` times the positions)."""
+        assert self.operands is not None
+        a, b = self.operands
+        return a.unsqueeze(-1) * b.unsqueeze(-3)
 
     def apply(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         """What the call computes, given the exact statistics of its input: local work only."""
-        if self.kind in ("mean", "sum", "max", "pool"):
+        if self.kind == "contract":
+            return values[0].squeeze(-2)
+        if self.kind == "bins":
+            return values[0]
+        if self.kind in ("mean", "sum", "max", "pool", "logsumexp"):
             v = values[0]  # a maximum's second value is its number of ties
             if self.kind == "pool" or self.keepdim:
                 return v
             return v.reshape(()) if self.dims is None else v.squeeze(self.dims)
         x = self.input
+        assert x is not None
+        if self.kind in ("softmax", "log_softmax"):
+            y = x if self.dtype is None else x.to(self.dtype)
+            shifted = y - values[0]  # the log-sum-exp over the dim
+            return shifted.exp() if self.kind == "softmax" else shifted
         mean, var = values
         c, ones = x.shape[1], [1] * (x.dim() - 2)
         m = _per_channel(mean, self.groups, c, ones)
@@ -129,14 +182,43 @@ def match(func: Any, args: tuple, kwargs: dict) -> GlobalCall | None:
             keepdim=bool(bound.get("keepdim", False)),
             dtype=bound.get("dtype"),
         )
+    if func in _SOFTMAXES:
+        kind, names = _SOFTMAXES[func]
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, dim = bound.get("input"), bound.get("dim")
+        if not isinstance(x, torch.Tensor) or not isinstance(dim, int) or x.dim() == 0:
+            return None  # an implicit dim: left to the tracer
+        return GlobalCall(kind, x, dims=(dim % x.dim(),), keepdim=True, dtype=bound.get("dtype"))
+    if func in _LOGSUMEXPS:
+        bound = {**dict(zip(("input", "dim", "keepdim"), args)), **kwargs}
+        x = bound.get("input")
+        if not isinstance(x, torch.Tensor):
+            return None
+        dims = _dims(bound.get("dim"), x.dim())
+        if not dims:
+            return None
+        return GlobalCall("logsumexp", x, dims=dims, keepdim=bool(bound.get("keepdim", False)))
+    if func in _MATMULS:
+        a = args[0] if args else kwargs.get("input")
+        b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+        if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (a, b)):
+            return None  # products with vectors: left to the tracer
+        if set(kwargs) - {"input", "other", "mat2"}:
+            return None  # out= and the like
+        return GlobalCall("contract", None, operands=(a, b))
     if func in _POOLS:
         x = args[0] if args else kwargs.get("input")
         size = args[1] if len(args) > 1 else kwargs.get("output_size")
         n = _POOLS[func]
         sizes = (size,) * n if isinstance(size, int) else tuple(size or ())
-        if not isinstance(x, torch.Tensor) or len(sizes) != n or any(s != 1 for s in sizes):
+        if not isinstance(x, torch.Tensor) or len(sizes) != n:
             return None
-        return GlobalCall("pool", x, dims=tuple(range(x.dim() - n, x.dim())), keepdim=True)
+        if not all(isinstance(s, int) and s >= 1 for s in sizes):
+            return None  # None keeps a dim's size: left to the tracer
+        dims = tuple(range(x.dim() - n, x.dim()))
+        if all(s == 1 for s in sizes):
+            return GlobalCall("pool", x, dims=dims, keepdim=True)
+        return GlobalCall("bins", x, dims=dims, keepdim=True, bins=tuple(sizes))
     if func is F.group_norm:
         bound = {**dict(zip(("input", "num_groups", "weight", "bias", "eps"), args)), **kwargs}
         return GlobalCall(
@@ -180,6 +262,44 @@ def match(func: Any, args: tuple, kwargs: dict) -> GlobalCall | None:
 
 
 @dataclass(frozen=True)
+class Unmerge:
+    """How a stage gives back the map a barrier reads with its spatial dims restored, where
+    the model flattened them (``x.flatten(2).mean(-1)``, ``x.reshape(B, C, H * W)``): each dim
+    of the call's view is split into its factors (the layout's atoms), so the stage returns a
+    map with one dim per position axis, which streams and is reduced like any other. A
+    spatial factor's size on a crop is read from the input shape of an earlier reshape in
+    the same run (``sources``: per spatial dim, that reshape's position among the run's
+    reshapes, and the dim of its input), recorded on the whole image."""
+
+    atoms: tuple[tuple[int, ...], ...]  # per dim of the call's view: its layout atoms
+    sources: tuple[tuple[int, int], ...]  # per spatial dim k: (reshape position, input dim)
+    stat_shape: tuple[int, ...]  # of the statistics in the call's view
+
+    def shape(self, viewed: Sequence[int], reshapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        """The restored map's shape on this run: a dim of one factor keeps its size in the
+        call's view (``viewed``), a spatial factor's is read from the run's ``reshapes`` (input
+        shapes), a lone non-spatial factor of a merged dim is what remains of its size."""
+        sizes: list[int] = []
+        for dim, n in zip(self.atoms, viewed):
+            if len(dim) == 1:
+                sizes.append(int(n))
+                continue
+            factors = [
+                int(reshapes[self.sources[a][0]][self.sources[a][1]]) if a >= 0 else 0 for a in dim
+            ]
+            known = math.prod(f for f in factors if f) or 1
+            fixed = [a for a, f in zip(dim, factors) if not f]
+            for a, f in zip(dim, factors):
+                if f:
+                    sizes.append(f)
+                elif len(fixed) == 1:
+                    sizes.append(int(n) // known)
+                else:
+                    sizes.append(-a - 1)
+        return tuple(sizes)
+
+
+@dataclass(frozen=True)
 class Barrier:
     """A whole-image op of the model on one input shape: what it reduces, and where.
 
@@ -196,6 +316,20 @@ class Barrier:
     dtype: torch.dtype  # of its statistics
     eps: float = 0.0
     module: str | None = None  # BatchNorm whose running statistics the forward updates
+    unmerge: Unmerge | None = None  # the model flattened the map's spatial dims: undo it
+    bins: tuple[int, ...] | None = None  # adaptive average pooling to a grid of bins
+    strides: tuple[Fraction, ...] = ()  # of the map (input pixels per position), for bins
+
+    def for_call(self, values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The statistics in the shape the call's own (flattened) view of the map gives them."""
+        if self.unmerge is None:
+            return tuple(values)
+        return tuple(v.reshape(self.unmerge.stat_shape) for v in values)
+
+    @property
+    def summed(self) -> bool:
+        """Whether its statistic is a plain sum (a matmul contracting positions is one)."""
+        return self.kind in ("sum", "contract")
 
     @property
     def path(self) -> str:
@@ -228,7 +362,30 @@ class Barrier:
 
     @property
     def stat_shape(self) -> tuple[int, ...]:
+        if self.bins is not None:
+            return (*self.shape[: -len(self.bins)], *self.bins)
         return tuple(1 if d in self.reduce else s for d, s in enumerate(self.grouped_shape))
+
+    def bin_weights(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """Along spatial dim ``dim`` of a pooling to bins: the ``(bins, length)`` float64
+        matrix whose row ``i`` is 1 at the positions ``start..start + length`` of the map that
+        bin ``i`` averages (``floor(i * n / k) <= p < ceil((i + 1) * n / k)``, as adaptive
+        pooling takes them; bins may overlap) and 0 elsewhere."""
+        assert self.bins is not None
+        k, n = self.bins[dim], self.shape[len(self.shape) - len(self.bins) + dim]
+        i = torch.arange(k, dtype=torch.int64)[:, None]
+        p = torch.arange(start, start + length, dtype=torch.int64)[None, :]
+        lo, hi = (i * n) // k, -((-(i + 1) * n) // k)
+        return ((p >= lo) & (p < hi)).to(torch.float64)
+
+    def bin_counts(self) -> torch.Tensor:
+        """Positions in each bin, as a grid of the bins' shape (float64)."""
+        assert self.bins is not None
+        counts = torch.ones((), dtype=torch.float64)
+        for d in range(len(self.bins)):
+            c = self.bin_weights(d, 0, self.shape[len(self.shape) - len(self.bins) + d]).sum(1)
+            counts = counts.unsqueeze(-1) * c
+        return counts
 
     @property
     def stat_bytes(self) -> int:
@@ -251,6 +408,11 @@ class Barrier:
             "group": f"GroupNorm statistics ({self.groups} groups)",
             "instance": "InstanceNorm statistics",
             "batch": "BatchNorm batch statistics",
+            "softmax": "softmax over all positions",
+            "log_softmax": "log-softmax over all positions",
+            "logsumexp": "log-sum-exp over all positions",
+            "contract": "matrix product summing over all positions",
+            "bins": f"average pooling to {self.bins} bins",
         }[self.kind]
         return f"{what} in {self.layer}"
 
@@ -267,15 +429,38 @@ class Reduction:
         self.total: torch.Tensor | None = None  # sum (mean/sum kinds) or mean (moments)
         self.m2: torch.Tensor | None = None
 
-    def add(self, block: torch.Tensor) -> None:
+    def add(self, block: torch.Tensor, place: Sequence[slice] | None = None) -> None:
+        """Reduce one block of the map; ``place``: its slices in the whole map (needed by a
+        pooling to bins)."""
         if block.numel() == 0:
             return
         b = self.barrier
         h = block.detach().to(torch.float64)
+        if b.bins is not None:  # per bin, the sum of the positions the block holds of it
+            assert place is not None
+            first = h.dim() - len(b.bins)
+            for d in range(len(b.bins)):
+                t = first + d
+                start = place[t].start or 0
+                w = b.bin_weights(d, start, h.shape[t]).to(h.device)
+                h = torch.movedim(torch.tensordot(h, w, dims=([t], [1])), -1, t)
+            self.total = h if self.total is None else self.total + h
+            return
         if b.groups is not None:
             n, c, *rest = h.shape
             h = h.reshape(n, b.groups, c // b.groups, *rest)
         dims = list(b.reduce)
+        if b.kind in LSE_KINDS:  # a running maximum and the sum of exp below it
+            top = h.amax(dims, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            s = (h - top).exp().sum(dims, keepdim=True)
+            if self.total is None or self.m2 is None:
+                self.total, self.m2 = top, s
+                return
+            new = torch.maximum(self.total, top)
+            self.m2 = self.m2 * (self.total - new).exp() + s * (top - new).exp()
+            self.total = new
+            return
         if b.kind == "max":  # exact in any order; ties counted, as amax shares its gradient
             top = h.amax(dims, keepdim=True)
             ties = (h == top).sum(dims, keepdim=True, dtype=torch.float64)
@@ -311,8 +496,13 @@ class Reduction:
         if b.kind == "max":
             assert self.m2 is not None
             return self.total.to(b.dtype), self.m2.to(b.dtype)
+        if b.kind in LSE_KINDS:
+            assert self.m2 is not None
+            return ((self.total + self.m2.log()).to(b.dtype),)
+        if b.bins is not None:
+            return ((self.total / b.bin_counts().to(self.total.device)).to(b.dtype),)
         if not b.moments:
-            v = self.total if b.kind == "sum" else self.total / b.count
+            v = self.total if b.summed else self.total / b.count
             return (v.to(b.dtype),)
         assert self.m2 is not None
         return self.total.to(b.dtype), (self.m2 / b.count).to(b.dtype)
@@ -327,7 +517,7 @@ def surrogate(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A pointwise ``phi`` with ``sum(phi(h))`` having the gradient in ``h`` that the
     statistics' cotangents ``cots`` pull back to the map: ``c / n`` for a mean, ``c`` for a
-    sum, ``c / ties`` where ``h`` equals the maximum (and 0 elsewhere) for a maximum, and
+    sum, ``c * exp(h - lse)`` (the softmax) for a log-sum-exp, ``c / ties`` where ``h`` equals the maximum (and 0 elsewhere) for a maximum, and
     ``(c_mean + 2 c_var (h - mean)) / n`` for a mean and a biased variance. The
     backward of the map's prefix with cotangent one everywhere is then the exact vjp of the
     statistics (``mean`` enters ``phi`` as a constant: the variance's gradient through the
@@ -351,10 +541,28 @@ def surrogate(
             return h * at_top * share.to(h.dtype)
 
         return phi_max
+    if barrier.bins is not None:
+        (c,) = cots
+        assert c is not None
+        per_bin = c.detach().to(torch.float64) / barrier.bin_counts().to(c.device)
+
+        def phi_bins(h: torch.Tensor) -> torch.Tensor:
+            return h * bin_weights_at(barrier, per_bin, h).to(h.dtype)
+
+        return phi_bins
+    if barrier.kind in LSE_KINDS:
+        lse, c_lse = values[0].detach(), cots[0]
+        assert c_lse is not None
+        c_lse = c_lse.detach()
+
+        def phi_lse(h: torch.Tensor) -> torch.Tensor:
+            return (h - lse.to(h.dtype)).exp() * c_lse.to(h.dtype)
+
+        return phi_lse
     if not barrier.moments:
         (c,) = cots
         assert c is not None
-        alpha = c.detach() if barrier.kind == "sum" else c.detach() / n
+        alpha = c.detach() if barrier.summed else c.detach() / n
 
         def phi(h: torch.Tensor) -> torch.Tensor:
             return h * spread(alpha.to(h.dtype), h)
@@ -377,6 +585,25 @@ def surrogate(
     return phi_moments
 
 
+def bin_weights_at(barrier: Barrier, per_bin: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The weight of each position of the crop ``h`` (crops stacked along the batch dim, at
+    the places :func:`~tilefn._positions.crop_starts` gives) in ``sum(per_bin * bins(h))``:
+    the sum of ``per_bin`` over the bins that hold the position. Outside a crop (the
+    recording on the whole image) ``h`` is the whole map."""
+    assert barrier.bins is not None
+    starts = crop_starts() or ((0,) * len(barrier.bins),)
+    first = h.dim() - len(barrier.bins)
+    pieces = []
+    for start in starts:
+        w = per_bin
+        for d in range(len(barrier.bins)):
+            origin = Fraction(start[d]) / barrier.strides[d]
+            m = barrier.bin_weights(d, int(origin), h.shape[first + d]).to(h.device)
+            w = torch.movedim(torch.tensordot(w, m, dims=([first + d], [0])), -1, first + d)
+        pieces.append(w)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 class StopAtBarrier(BaseException):
     """Raised inside the model at a barrier to end a prefix stage there (a BaseException, so
     that a model's own ``except Exception`` does not swallow it)."""
@@ -392,15 +619,26 @@ Handler = Callable[[int, GlobalCall, Callable[[], Any]], Any]
 class GlobalOps(TorchFunctionMode):
     """Hands every call :func:`match` recognises to ``handler(position, call, run)``, where
     ``position`` counts the matched calls of this model run and ``run()`` makes the call
-    as it was."""
+    as it was. Notes the input shape of every reshape (``reshapes``, for :class:`Unmerge`),
+    and with ``keep`` the input tensor too (``reshaped``: the tracer's, on meta tensors)."""
 
-    def __init__(self, handler: Handler):
+    def __init__(self, handler: Handler, keep: bool = False):
         super().__init__()
         self.handler = handler
         self.count = 0
+        self.keep = keep
+        self.reshapes: list[tuple[int, ...]] = []
+        self.reshaped: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _RESHAPES:
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor):
+                self.reshapes.append(tuple(x.shape))
+                if self.keep:
+                    self.reshaped.append(x)
+            return func(*args, **kwargs)
         call = match(func, args, kwargs)
         if call is None:
             return func(*args, **kwargs)

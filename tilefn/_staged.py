@@ -25,6 +25,7 @@ model's own; memory stays that of one crop plus the statistics (bytes).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,10 +54,17 @@ class _Stage(nn.Module):
     barrier reads, or ``transform`` of it. It shares the model's parameters, buffers and
     submodules (same names), so plans, ``functional_call`` and optimizers see the model."""
 
-    def __init__(self, model: nn.Module, calls: tuple[int | None, ...], stop: int | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        barriers: tuple[Barrier, ...],
+        calls: tuple[int | None, ...],
+        stop: int | None,
+    ):
         super().__init__()
         object.__setattr__(self, "_model", model)
         share_registries(self, model)
+        self.barriers = barriers
         self.global_calls = calls
         self.stop = stop
         object.__setattr__(self, "values", [])
@@ -82,15 +90,26 @@ class _Stage(nn.Module):
         if k is None:
             return run()
         if k == self.stop:
-            raise StopAtBarrier(call.input)
-        return call.apply(self.values[k])
+            raise StopAtBarrier(call.product() if call.kind == "contract" else call.input)
+        return call.apply(self.barriers[k].for_call(self.values[k]))
 
     def forward(self, x: torch.Tensor) -> Any:
+        ops = GlobalOps(self._handle)
         try:
-            with GlobalOps(self._handle):
+            with ops:
                 out = self._model(x)
         except StopAtBarrier as stop:
             h = stop.value
+            unmerge = None if self.stop is None else self.barriers[self.stop].unmerge
+            if unmerge is not None:  # the model flattened the map: give it its dims back
+                shape = unmerge.shape(h.shape, ops.reshapes)
+                if math.prod(shape) != h.numel():
+                    raise PlanError(
+                        f"streamify: the map that {self.barriers[self.stop].describe()} reads "
+                        f"has shape {tuple(h.shape)} on this crop, which does not unflatten to "
+                        f"{shape}. Please report this with the model."
+                    ) from None
+                h = h.reshape(shape)
             return h if self.transform is None else self.transform(h)
         if self.stop is not None:
             raise PlanError(
@@ -253,8 +272,8 @@ class StagedProgram:
         self.model = model
         self.barriers = found.barriers
         calls = found.global_calls
-        self.stages = [_Stage(model, calls, k) for k in range(len(self.barriers))]
-        self.stages.append(_Stage(model, calls, None))
+        self.stages = [_Stage(model, self.barriers, calls, k) for k in range(len(self.barriers))]
+        self.stages.append(_Stage(model, self.barriers, calls, None))
         self.executors = [Executor(s, options) for s in self.stages]
         self._caches = [PlanCache() for _ in self.stages]
 
@@ -293,7 +312,7 @@ class StagedProgram:
                     plan.prefixes[k],
                     rng,
                     state=state,
-                    sink=lambda o, dst, block, r=reduction: r.add(block),
+                    sink=lambda o, dst, block, r=reduction: r.add(block, dst),
                 )
             values.append(reduction.values())
             if update and barrier.module is not None:

@@ -10,6 +10,7 @@ is not local is refused with the module path it ran in. Parameters are never wri
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from ._compat import (
 )
 from ._errors import InputError, TilefnError, TraceError, UnsupportedLayerError, see_docs
 from ._geometry import AlignedUpsample, Circular, DimMap, Graph, Identity, Node, Op
-from ._global import Barrier, GlobalCall, GlobalOps
+from ._global import LSE_KINDS, Barrier, GlobalCall, GlobalOps, Unmerge
 from ._positions import AlignedCall, interpolate_arguments, is_aligned
 from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, has_spatial, ns
 from ._view_rules import VIEW_RULES  # noqa: F401 - importing registers the built-in rules
@@ -468,6 +469,7 @@ class _Discovery:
         self.rec, self.batch_stats = rec, batch_stats
         self.calls: list[int | None] = []
         self.barriers: list[Barrier] = []
+        self.ops: GlobalOps | None = None  # the mode that calls it (its reshapes)
 
     def handle(self, position: int, call: GlobalCall, run) -> Any:
         barrier = self._barrier(call)
@@ -481,30 +483,59 @@ class _Discovery:
             values = barrier.placeholder()
         finally:
             self.rec.paused = False
-        return call.apply(values)
+        return call.apply(barrier.for_call(values))
 
     def _refuse(self, call: GlobalCall, why: str, fix: str) -> UnsupportedLayerError:
         return self.rec.refuse(f"{call.kind} statistics", Refuse(why, fix))
 
     def _barrier(self, call: GlobalCall) -> Barrier | None:
-        rec, x = self.rec, call.input
+        rec = self.rec
+        if call.kind == "contract":
+            if not self._contracts_positions(call):
+                return None  # over channels (local), or not a reduction (refused by its rule)
+            call.input = call.product()
+            call.dims = (call.input.dim() - 2,)
+        x = call.input
         node = rec.node_of.get(id(x)) if isinstance(x, torch.Tensor) else None
         if node is None:
             return None  # not computed from the image: a constant
+        assert x is not None
         layout = rec.layouts[node]
         spatial = [i for i, dim in enumerate(layout) if has_spatial(dim)]
-        if call.kind in ("mean", "sum", "max", "pool"):
+        if call.kind in ("mean", "sum", "max", "pool", "contract", *LSE_KINDS):
             dims = call.dims if call.dims is not None else tuple(range(x.dim()))
             if not set(spatial) <= set(dims):
                 return None  # over channels only (local), or over some positions (refused)
-            if any(len(layout[i]) != 1 for i in spatial):
+            dtype = call.dtype or x.dtype
+            if all(len(layout[i]) == 1 for i in spatial):
+                return Barrier(call.kind, rec.where(), tuple(x.shape), tuple(dims), None, dtype)
+            if call.kind == "pool":
                 raise self._refuse(
                     call,
-                    "reduces a tensor whose dims merge spatial positions with other factors",
-                    "reduce the feature map in its (N, C, *spatial) layout",
+                    "pools a tensor whose dims merge spatial positions with other factors",
+                    "pool the feature map in its (N, C, *spatial) layout",
                 )
-            dtype = call.dtype or x.dtype
-            return Barrier(call.kind, rec.where(), tuple(x.shape), tuple(dims), None, dtype)
+            return self._merged(call, x, node, tuple(dims), dtype)
+        canonical = all(not has_spatial(layout[i]) for i in (0, 1)) and all(
+            layout[2 + k] == (k,) for k in range(rec.ndim)
+        )
+        if call.kind == "bins":
+            if x.dim() != 2 + rec.ndim or not canonical or call.bins is None:
+                raise self._refuse(
+                    call,
+                    "pools to bins a tensor that is not laid out as (N, C, *spatial)",
+                    "pool the feature map in its (N, C, *spatial) layout",
+                )
+            return Barrier(
+                "bins",
+                rec.where(),
+                tuple(x.shape),
+                tuple(range(2, x.dim())),
+                None,
+                x.dtype,
+                bins=call.bins,
+                strides=rec.nodes[node].scales,
+            )
         if not call.batch_stats:
             return None  # running statistics: local
         running = call.running[0] is not None
@@ -517,9 +548,6 @@ class _Discovery:
                 "running statistics tilefn does not update",
                 "use track_running_stats=False (the default), or call .eval() on the layer",
             )
-        canonical = all(not has_spatial(layout[i]) for i in (0, 1)) and all(
-            layout[2 + k] == (k,) for k in range(rec.ndim)
-        )
         if x.dim() != 2 + rec.ndim or not canonical:
             raise self._refuse(
                 call,
@@ -554,6 +582,68 @@ class _Discovery:
             module=module,
         )
 
+    def _contracts_positions(self, call: GlobalCall) -> bool:
+        """Whether a matmul ``a @ b`` sums over positions and keeps none: both operands are
+        computed from the image, the contracted dims hold the same positions, and no other
+        dim holds any (a product that keeps positions while summing over them is attention,
+        which its rule refuses)."""
+        rec = self.rec
+        assert call.operands is not None
+        a, b = call.operands
+        nodes = [rec.node_of.get(id(t)) for t in (a, b)]
+        if any(n is None for n in nodes):
+            return False
+        la, lb = (rec.layouts[n] for n in nodes)  # type: ignore[index]
+        if not has_spatial(la[-1]) or la[-1] != lb[-2]:
+            return False
+        rest = (*la[:-1], *lb[:-2], lb[-1])
+        return not any(has_spatial(d) for d in rest)
+
+    def _merged(
+        self, call: GlobalCall, x: torch.Tensor, node: int, dims: tuple[int, ...], dtype
+    ) -> Barrier:
+        """A barrier over a map whose spatial dims the model flattened: it reads the map with
+        every layout atom as a dim of its own (see :class:`~tilefn._global.Unmerge`), the
+        sizes of the spatial ones on a crop read from an earlier reshape's input at the
+        same place and scale."""
+        rec, ops = self.rec, self.ops
+        assert ops is not None
+        layout = rec.layouts[node]
+        target = rec.nodes[node]
+        sources = [(-1, -1)] * rec.ndim
+        for k in sorted({a for dim in layout for a in dim if a >= 0}):
+            for p in reversed(range(len(ops.reshaped))):
+                n = rec.node_of.get(id(ops.reshaped[p]))
+                if n is None:
+                    continue
+                lay, seen = rec.layouts[n], rec.nodes[n]
+                i = next((j for j, d in enumerate(lay) if d == (k,)), None)
+                if i is not None and (seen.sizes[k], seen.scales[k]) == (
+                    target.sizes[k],
+                    target.scales[k],
+                ):
+                    sources[k] = (p, i)
+                    break
+            else:
+                raise self._refuse(
+                    call,
+                    "reduces a tensor whose spatial dims were merged by an op tilefn cannot "
+                    "follow back",
+                    "flatten the feature map with reshape/view/flatten, or reduce it in its "
+                    "(N, C, *spatial) layout",
+                )
+        stat_shape = tuple(1 if j in dims else s for j, s in enumerate(x.shape))
+        unmerge = Unmerge(tuple(layout), tuple(sources), stat_shape)
+        shape = unmerge.shape(x.shape, ops.reshapes)
+        reduce, pos = [], 0
+        for j, dim in enumerate(layout):
+            if j in dims:
+                reduce.extend(range(pos, pos + len(dim)))
+            pos += len(dim)
+        if math.prod(shape) != x.numel():  # pragma: no cover - the layout lists every factor
+            raise self._refuse(call, "reduces a map tilefn cannot unflatten", "report this")
+        return Barrier(call.kind, rec.where(), shape, tuple(reduce), None, dtype, unmerge=unmerge)
+
 
 class _FunctionMode(TorchFunctionMode):
     """Sees two functionals before aten decomposes them: ``F.pad(..., mode="circular")``
@@ -578,14 +668,16 @@ class _FunctionMode(TorchFunctionMode):
                 and id(x) in self.rec.node_of
             ):
                 return self.rec.circular_pad(x, list(bound["pad"]), lambda: func(*args, **kwargs))
-        if func is F.interpolate:
-            x = args[0] if args else kwargs.get("input")
+        if func is F.interpolate:  # exactly one entry in rec.aligned per call
+            bound = interpolate_arguments(args, kwargs)
+            x = bound.get("input")
             n = x.dim() - 2 if isinstance(x, torch.Tensor) else 0
             spatial = isinstance(x, torch.Tensor) and id(x) in self.rec.node_of
-            if is_aligned(interpolate_arguments(args, kwargs)):
-                if spatial and n > 0:
-                    return self.aligned_interpolate(x, n, func, args, kwargs)
-                self.rec.aligned.append(None)  # of a constant: runs as it is on every crop
+            if n > 0 and spatial and is_aligned(bound):
+                return self.aligned_interpolate(x, n, func, args, kwargs)
+            if n > 0 and not spatial and any(s != 1 for s in x.shape[2:]):
+                return self.grid_interpolate(x, n, bound, func, args, kwargs)
+            self.rec.aligned.append(None)  # runs as it is on every crop
             if n > 0 and not spatial and all(s == 1 for s in x.shape[2:]):
                 # A 1 x 1 map upsampled is its value everywhere (any mode): record it as a
                 # broadcast, which every crop reproduces at its own size.
@@ -606,6 +698,58 @@ class _FunctionMode(TorchFunctionMode):
             finally:
                 torch.use_deterministic_algorithms(True, warn_only=warn_only)
         return func(*args, **kwargs)
+
+    def grid_interpolate(self, x: torch.Tensor, n: int, bound: dict, func, args, kwargs):
+        """A constant grid (a map pooled to bins, through constant layers) interpolated to
+        the size of a map of the image (``size=x.shape[-2:]``, as PSPNet does). Linearly:
+        recorded as a tensor of the image at that map's place and stride (an op that reads
+        the map, identity geometry), which the executor computes on each crop at its place
+        (``_positions.grid_interpolate``). Another mode is refused; a size that is no map's
+        leaves a constant (refused where it meets the image)."""
+        rec = self.rec
+        rec.paused = True
+        try:
+            out = self._run(func, args, kwargs)
+        finally:
+            rec.paused = False
+        sizes = tuple(out.shape[2:])
+        canonical = tuple((k,) for k in range(n))
+        ref = next(
+            (
+                node
+                for node in reversed(range(len(rec.nodes)))
+                if rec.nodes[node].sizes == sizes and rec.layouts[node][2:] == canonical
+            ),
+            None,
+        )
+        if ref is None or n != rec.ndim or bound.get("size") is None:
+            rec.aligned.append(None)
+            return out
+        if bound.get("mode") not in ("linear", "bilinear", "trilinear") or bound.get("antialias"):
+            raise rec.refuse(
+                F.interpolate,
+                Refuse(
+                    f"interpolates a grid pooled from the image to the map's size with "
+                    f"mode={bound.get('mode', 'nearest')!r}, which tilefn computes at each "
+                    "crop's place only for linear modes",
+                    "use mode='bilinear' (or linear/trilinear), with or without align_corners",
+                ),
+            )
+        scales = rec.nodes[ref].scales
+        layout = ((ns(out.shape[0]),), (ns(out.shape[1]),), *canonical)
+        new = rec.add_node(out, layout, Node(sizes, scales))
+        maps = (Identity(),) * n
+        rec.ops.append(Op("grid_interpolate", rec.where(), ((ref, maps),), (new,)))
+        rec.aligned.append(
+            AlignedCall(
+                dims=tuple(range(n)),
+                in_sizes=tuple(x.shape[2:]),
+                out_sizes=sizes,
+                strides=scales,
+                grid="corners" if is_aligned(bound) else "centres",
+            )
+        )
+        return out
 
     def aligned_interpolate(self, x: Any, n: int, func, args, kwargs):
         """Record an interpolation with ``align_corners=True`` for the executor, which computes
@@ -723,7 +867,9 @@ def _record_model(
     rec.add_node(x, layout, Node(tuple(input_shape[2:]), (Fraction(1),) * ndim))
     rec.activation_bytes = 0
     discovery = _Discovery(rec, batch_stats) if batch_stats is not None else None
-    barriers = GlobalOps(discovery.handle) if discovery else contextlib.nullcontext()
+    barriers: Any = contextlib.nullcontext()
+    if discovery is not None:
+        barriers = discovery.ops = GlobalOps(discovery.handle, keep=True)
     try:
         with (
             _recording_state(),
@@ -809,7 +955,7 @@ def _check_aligned(graph: Graph, calls: list[AlignedCall | None]) -> None:
         for op in graph.ops
         if any(isinstance(m, AlignedUpsample) for _, ms in op.inputs for m in ms)
     ]
-    seen = sum(c is not None for c in calls)
+    seen = sum(c is not None and c.grid is None for c in calls)
     if len(ops) != seen:
         op = ops[-1] if ops else None
         where = f"layer {op.where} ({op.name})" if op else "the model"
