@@ -116,6 +116,13 @@ NETWORKS: list[tuple[str, str, str, Callable[[], torch.nn.Module], str]] = [
     ("timm", "MobileNetV2", "mobilenetv2_100", _timm("mobilenetv2_100"), ""),
     ("timm", "EfficientNet-lite", "efficientnet_lite0", _timm("efficientnet_lite0"), ""),
     ("timm", "EfficientNet", "efficientnet_b0", _timm("efficientnet_b0"), ""),
+    (
+        "timm",
+        "GCResNeXt (global context)",
+        "gcresnext26ts",
+        _timm("gcresnext26ts"),
+        "test_attention_pooling (stage 3)",
+    ),
     ("timm", "HRNet", "hrnet_w18_small", _timm("hrnet_w18_small"), ""),
     ("timm", "Xception", "xception41", _timm("xception41"), ""),
     ("timm", "Inception", "inception_v3", _timm("inception_v3"), ""),
@@ -163,7 +170,7 @@ NETWORKS: list[tuple[str, str, str, Callable[[], torch.nn.Module], str]] = [
     ("smp", "MAnet", "MAnet(resnet34)", _smp("MAnet"), ""),
     ("smp", "PAN", "PAN(resnet34)", _smp("PAN"), ""),
     ("smp", "FPN", "FPN(resnet34)", _smp("FPN"), ""),
-    ("smp", "PSPNet", "PSPNet(resnet34)", _smp("PSPNet"), ""),
+    ("smp", "PSPNet", "PSPNet(resnet34)", _smp("PSPNet"), "test_pooling_bins (resnet18)"),
     ("smp", "DeepLabV3+", "DeepLabV3Plus(resnet34)", _smp("DeepLabV3Plus"), ""),
     (
         "MONAI",
@@ -232,6 +239,12 @@ def _first_sentence(msg: str) -> str:
     return (msg[: cut.start()] if cut else msg).replace("|", "\\|").replace("\n", " ")
 
 
+def _streams(plan) -> str:
+    if isinstance(plan, tilefn.StagedPlan):
+        return f"streams, staged ({len(plan.barriers)} barriers)"
+    return "streams"
+
+
 def row(library: str, family: str, network: str, build, exact_in: str) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -249,13 +262,12 @@ def row(library: str, family: str, network: str, build, exact_in: str) -> str:
             )
         if plan is None:  # tile 2048 is below the receptive field: report the minimum
             try:
-                minimum = max(tilefn.plan(model, SHAPE, 4096, dtype=torch.float32).min_tile_size)
+                whole = tilefn.plan(model, SHAPE, 4096, dtype=torch.float32)
             except tilefn.TilefnError as e:
                 return f"| {library} | {family} | {network} | refused: {_first_sentence(str(e))} | | | |"
-            return f"| {library} | {family} | {network} | streams | {minimum} | tile {TILE} is below it | {exact_in} |"
-        result = "streams"
-        if isinstance(plan, tilefn.StagedPlan):
-            result = f"streams, staged ({len(plan.barriers)} barriers)"
+            minimum = max(whole.min_tile_size)
+            return f"| {library} | {family} | {network} | {_streams(whole)} | {minimum} | tile {TILE} is below it | {exact_in} |"
+        result = _streams(plan)
         return (
             f"| {library} | {family} | {network} | {result} | {max(plan.min_tile_size)} | "
             f"{plan.overlap:.2f} | {exact_in} |"

@@ -79,6 +79,10 @@ def main(out_dir: Path, accumulate: int) -> None:
         enable_model_summary=False,
     )
     trainer.fit(module, data)
+    # Tear the gloo group down before the interpreter exits: left to exit, its threads can
+    # abort the process ("terminate called without an active exception") after a clean run.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from ._errors import PlanError
 from ._inputs import CropReader, ImageSource, Prefetched, scatter_add
 from ._options import StreamOptions
 from ._plan import TilePlan
-from ._positions import AtCrop
+from ._positions import AtCrop, crop_place
 from ._schedule import backward_order, crop_groups, kept_crops, owned_slices, rank_share
 from ._spill import DiskMap
 from ._trace import RunningStats, batchnorm_eval
@@ -211,10 +211,11 @@ class Executor:
         if rng is not None:
             rng.restore()
         batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        starts = [[a for a, _ in plan.crops[i].box] for i in crops]
         at = contextlib.nullcontext()
         if plan.positional:  # ops that depend on the crop's place: computed there
-            at = AtCrop(plan.positional, [[a for a, _ in plan.crops[i].box] for i in crops])
-        with at:
+            at = AtCrop(plan.positional, starts)
+        with crop_place(starts), at:
             if state is None:
                 out = self.model(batch)
             else:
