@@ -48,6 +48,9 @@ def test_pyramid_pooling_streams_exactly(align_corners):
     plan = check_exact(_net(align_corners), (2, 3, 67, 61), 32)
     assert [b.kind for b in plan.barriers] == ["pool", "bins", "bins", "bins"]
     assert "average pooling to (6, 6) bins" in str(plan)
+    # The four poolings read one map: one prefix pass reduces it into all four.
+    assert plan.leaders == (0, 0, 0, 0) and len(plan.stages) == 2
+    assert "reduced in barrier 1's pass (the same map)" in str(plan)
 
 
 def test_rectangular_bins_and_stacked_crops_stream_exactly():

@@ -426,6 +426,8 @@ def test_timm_channel_attention_layers_stream_exactly():
     ).eval()
     plan = check_exact(net, SHAPE, 48)
     assert len(plan.barriers) == 9
+    # CBAM's mean and amax read one map: one pass each for CBAM and light CBAM.
+    assert len(plan.stages) == 1 + 9 - 2
 
 
 class _NumpyNames(nn.Module):

@@ -319,6 +319,17 @@ class Barrier:
     unmerge: Unmerge | None = None  # the model flattened the map's spatial dims: undo it
     bins: tuple[int, ...] | None = None  # adaptive average pooling to a grid of bins
     strides: tuple[Fraction, ...] = ()  # of the map (input pixels per position), for bins
+    source: int | None = None  # the recorded tensor it reads (barriers on one map share it)
+
+    def reads_as(self, other: Barrier) -> bool:
+        """Whether it reads the same map as ``other``, in the same view: one streamed pass
+        gives the blocks of both."""
+        if self.source is None or self.source != other.source:
+            return False
+        mine, theirs = self.unmerge, other.unmerge
+        if mine is None or theirs is None:
+            return mine is theirs
+        return mine.atoms == theirs.atoms
 
     def for_call(self, values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The statistics in the shape the call's own (flattened) view of the map gives them."""

@@ -125,12 +125,18 @@ class StagedPlan:
     per stage (the prefix up to each barrier, then the whole model)."""
 
     barriers: tuple[Barrier, ...]
-    prefixes: tuple[TilePlan, ...]
+    prefixes: tuple[TilePlan, ...]  # per barrier: the plan of the pass that reduces its map
     main: TilePlan
+    # Per barrier, the barrier whose prefix stage streams its map: itself, or the first
+    # barrier that reads the same map (PSPNet's four poolings of one map: one pass for all).
+    leaders: tuple[int, ...] = ()
 
     @property
     def stages(self) -> tuple[TilePlan, ...]:
-        return (*self.prefixes, self.main)
+        """The plans of the passes one forward streams: one per map that barriers read,
+        then the whole model."""
+        leaders = self.leaders or tuple(range(len(self.prefixes)))
+        return (*(p for k, p in enumerate(self.prefixes) if leaders[k] == k), self.main)
 
     @property
     def n_tiles(self) -> int:
@@ -182,12 +188,17 @@ class StagedPlan:
             f"({self.stat_bytes} bytes in all, no map stored), then the whole model; the "
             "backward runs the stages in reverse."
         ]
+        leaders = self.leaders or tuple(range(len(self.prefixes)))
         for k, (b, p) in enumerate(zip(self.barriers, self.prefixes)):
+            stage = (
+                f"prefix stage {p.n_tiles} crops, overlap a = {p.overlap:.2f}"
+                if leaders[k] == k
+                else f"reduced in barrier {leaders[k] + 1}'s pass (the same map)"
+            )
             lines.append(
                 f"  barrier {k + 1}: {b.describe()}, map {tuple(b.shape)}: stores "
                 f"{b.stat_bytes} bytes (its statistics; the map is recomputed, not stored: 0 "
-                f"bytes forward, 0 bytes of cotangent map backward); prefix stage "
-                f"{p.n_tiles} crops, overlap a = {p.overlap:.2f}"
+                f"bytes forward, 0 bytes of cotangent map backward); {stage}"
             )
         lines.append("  main stage: " + str(self.main).replace("\n", "\n  "))
         return "\n".join(lines)
@@ -271,6 +282,12 @@ class StagedProgram:
             )
         self.model = model
         self.barriers = found.barriers
+        # Barriers that read one map share the pass of the first of them (the map is computed
+        # before any of them runs, so it depends on no statistic among them).
+        self.leaders = tuple(
+            next(j for j in range(k + 1) if self.barriers[k].reads_as(self.barriers[j]) or j == k)
+            for k in range(len(self.barriers))
+        )
         calls = found.global_calls
         self.stages = [_Stage(model, self.barriers, calls, k) for k in range(len(self.barriers))]
         self.stages.append(_Stage(model, self.barriers, calls, None))
@@ -280,15 +297,23 @@ class StagedProgram:
     def plan(
         self, shape: tuple[int, ...], tile_size: Any, dtype: torch.dtype, budget: int | None
     ) -> tuple[StagedPlan, Trace]:
-        plans = []
+        plans: list[TilePlan] = []
         main_trace = None
-        for stage, cache in zip(self.stages, self._caches):
+        for k, (stage, cache) in enumerate(zip(self.stages, self._caches)):
+            if k < len(self.barriers) and self.leaders[k] != k:
+                plans.append(plans[self.leaders[k]])
+                continue
             with stage.given([b.placeholder("cpu") for b in self.barriers]):
                 plan_, trace_ = cache.get(stage, shape, tile_size, dtype, budget)
             plans.append(plan_)
             main_trace = trace_
         assert main_trace is not None
-        return StagedPlan(self.barriers, tuple(plans[:-1]), plans[-1]), main_trace
+        prefixes = tuple(plans[:-1])
+        return StagedPlan(self.barriers, prefixes, plans[-1], self.leaders), main_trace
+
+    def _group(self, k: int) -> list[int]:
+        """The barriers whose map prefix stage ``k`` streams (empty unless ``k`` leads)."""
+        return [g for g, lead in enumerate(self.leaders) if lead == k]
 
     @torch.no_grad()
     def statistics(
@@ -302,22 +327,26 @@ class StagedProgram:
     ) -> Values:
         """The exact statistics of every barrier, in order; with ``update``, BatchNorm
         layers' running statistics are updated as the plain forward would."""
-        values: Values = []
-        for k, barrier in enumerate(self.barriers):
-            reduction = Reduction(barrier)
-            with self.stages[k].given(values):
+        found: dict[int, tuple[torch.Tensor, ...]] = {}
+        for k in range(len(self.barriers)):
+            group = self._group(k)
+            if not group:
+                continue  # reduced in its leader's pass
+            reductions = [Reduction(self.barriers[g]) for g in group]
+
+            def sink(o, dst, block, reductions=reductions):
+                for r in reductions:
+                    r.add(block, dst)
+
+            with self.stages[k].given([found[j] for j in range(k)]):
                 self.executors[k].forward(
-                    source,
-                    reader,
-                    plan.prefixes[k],
-                    rng,
-                    state=state,
-                    sink=lambda o, dst, block, r=reduction: r.add(block, dst),
+                    source, reader, plan.prefixes[k], rng, state=state, sink=sink
                 )
-            values.append(reduction.values())
-            if update and barrier.module is not None:
-                _update_running(self.model, barrier, reduction)
-        return values
+            for g, reduction in zip(group, reductions):
+                found[g] = reduction.values()
+                if update and self.barriers[g].module is not None:
+                    _update_running(self.model, self.barriers[g], reduction)
+        return [found[k] for k in range(len(self.barriers))]
 
     def forward(
         self,
@@ -412,12 +441,12 @@ class StagedProgram:
         target = input_grad  # the prefix stages add their input gradients into it
         stat_cots = _unflat(got[n:], values)
         for k in reversed(range(len(self.barriers))):
-            cots = stat_cots[k]
-            if all(c is None for c in cots):
-                continue  # the outputs do not depend on this statistic
-            barrier = self.barriers[k]
+            group = [g for g in self._group(k) if any(c is not None for c in stat_cots[g])]
+            if not group:
+                continue  # the outputs do not depend on these statistics (or not its pass)
             before = [tuple(_leaf(v) for v in vs) for vs in values[:k]]
-            phi = surrogate(barrier, values[k], cots)
+            phis = [surrogate(self.barriers[g], values[g], stat_cots[g]) for g in group]
+            phi = phis[0] if len(phis) == 1 else _summed(phis)
             out_shape = plan.prefixes[k].output_shapes[0]
             dtype = values[k][0].dtype
             ones = torch.ones((), dtype=dtype, device=reader.device).expand(out_shape)
@@ -438,6 +467,18 @@ class StagedProgram:
             for j, cs in enumerate(_unflat(got[n:], before)):
                 stat_cots[j] = tuple(_sum(a, b) for a, b in zip(stat_cots[j], cs))
         return grads, input_grad
+
+
+def _summed(phis: list) -> Any:
+    """The surrogate of several barriers on one map: the sum of theirs."""
+
+    def phi(h: torch.Tensor) -> torch.Tensor:
+        out = phis[0](h)
+        for p in phis[1:]:
+            out = out + p(h)
+        return out
+
+    return phi
 
 
 def _leaf(v: torch.Tensor) -> torch.Tensor:

@@ -508,7 +508,9 @@ class _Discovery:
                 return None  # over channels only (local), or over some positions (refused)
             dtype = call.dtype or x.dtype
             if all(len(layout[i]) == 1 for i in spatial):
-                return Barrier(call.kind, rec.where(), tuple(x.shape), tuple(dims), None, dtype)
+                return Barrier(
+                    call.kind, rec.where(), tuple(x.shape), tuple(dims), None, dtype, source=node
+                )
             if call.kind == "pool":
                 raise self._refuse(
                     call,
@@ -535,6 +537,7 @@ class _Discovery:
                 x.dtype,
                 bins=call.bins,
                 strides=rec.nodes[node].scales,
+                source=node,
             )
         if not call.batch_stats:
             return None  # running statistics: local
@@ -580,6 +583,7 @@ class _Discovery:
             x.dtype,
             eps=call.eps,
             module=module,
+            source=node,
         )
 
     def _contracts_positions(self, call: GlobalCall) -> bool:
