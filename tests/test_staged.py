@@ -493,3 +493,53 @@ def check_float32(net: nn.Module, shape=(1, 3, 96, 80), tile: int = 48) -> None:
     backbone(xs).square().sum().backward()
     net(xr).square().sum().backward()
     torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+class _Spread(nn.Module):
+    """Variances and standard deviations over all positions, in the spellings torch offers."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        if self.spelling == "var":  # an instance norm by hand, unbiased
+            m = x.mean((2, 3), keepdim=True)
+            return (x - m) / (x.var((2, 3), keepdim=True) + 1e-5).sqrt()
+        if self.spelling == "std":
+            return x / (1 + torch.std(x, dim=(-2, -1), keepdim=True, unbiased=False))
+        if self.spelling == "std_mean":
+            sd, m = torch.std_mean(x, dim=(2, 3), keepdim=True, correction=0)
+            return (x - m) / (sd + 1e-3)
+        v, m = torch.var_mean(x.view(b, c, -1), dim=-1)  # of a flattened map
+        return x * torch.sigmoid(v - m)[:, :, None, None]
+
+
+@pytest.mark.parametrize("spelling", ["var", "std", "std_mean", "var_mean"])
+def test_variances_over_all_positions_stream_exactly(spelling):
+    net = nn.Sequential(conv(3, 8), _Spread(spelling), conv(8, 8, 2), _Spread(spelling))
+    plan = check_exact(net, SHAPE, 32)
+    # A mean and a variance of one map share one pass.
+    assert len(plan.stages) == 3
+
+
+class _Repeated(nn.Module):
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        return torch.cat([x, x.mean((2, 3), keepdim=True).repeat(1, 1, h, w)], 1)
+
+
+def test_a_pooled_summary_repeated_to_the_map_size_streams_exactly():
+    check_exact(nn.Sequential(conv(3, 4), _Repeated(), conv(8, 4)), SHAPE, 32)
+
+
+class _RowMean(nn.Module):
+    def forward(self, x):
+        return x - x.mean(-1, keepdim=True)
+
+
+def test_a_mean_along_rows_only_is_refused_with_the_fix():
+    net = nn.Sequential(conv(3, 4), _RowMean(), conv(4, 4)).double()
+    with pytest.raises(tilefn.UnsupportedLayerError, match=r"some of the spatial dims.*x.mean"):
+        tilefn.streamify(net, 32)[0](torch.randn(*SHAPE, dtype=torch.float64))

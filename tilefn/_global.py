@@ -32,6 +32,7 @@ from ._positions import crop_starts
 
 __all__ = [
     "LSE_KINDS",
+    "VARIANCE_KINDS",
     "Barrier",
     "GlobalCall",
     "GlobalOps",
@@ -59,6 +60,16 @@ _SOFTMAXES = {
     torch.Tensor.log_softmax: ("log_softmax", ("input", "dim", "dtype")),
 }
 _LOGSUMEXPS = (torch.logsumexp, torch.Tensor.logsumexp)
+_VARIANCES = {
+    torch.var: "var",
+    torch.Tensor.var: "var",
+    torch.std: "std",
+    torch.Tensor.std: "std",
+    torch.var_mean: "var_mean",
+    torch.std_mean: "std_mean",
+}
+# Kinds whose statistics are a mean and a variance of the map they read, and what they return.
+VARIANCE_KINDS = tuple(dict.fromkeys(_VARIANCES.values()))
 _MATMULS = (
     torch.matmul,
     torch.Tensor.matmul,
@@ -98,6 +109,7 @@ class GlobalCall:
     running: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     operands: tuple[torch.Tensor, torch.Tensor] | None = None  # of a matmul
     bins: tuple[int, ...] | None = None  # adaptive average pooling to this grid
+    correction: float = 0.0  # of a variance: the divisor is positions - correction
 
     def product(self) -> torch.Tensor:
         """A matmul ``a @ b`` (``(..., M, P) @ (..., P, N)``) as a reduction: the map
@@ -108,17 +120,25 @@ class GlobalCall:
         a, b = self.operands
         return a.unsqueeze(-1) * b.unsqueeze(-3)
 
-    def apply(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _drop(self, v: torch.Tensor) -> torch.Tensor:
+        """A statistic (reduced dims kept, of size 1) without them, unless ``keepdim``."""
+        if self.keepdim:
+            return v
+        return v.reshape(()) if self.dims is None else v.squeeze(self.dims)
+
+    def apply(self, values: Sequence[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """What the call computes, given the exact statistics of its input: local work only."""
         if self.kind == "contract":
             return values[0].squeeze(-2)
         if self.kind == "bins":
             return values[0]
+        if self.kind in VARIANCE_KINDS:  # values: the mean and the corrected variance
+            mean, var = (self._drop(v) for v in values)
+            spread = var.sqrt() if self.kind.startswith("std") else var
+            return (spread, mean) if self.kind.endswith("_mean") else spread
         if self.kind in ("mean", "sum", "max", "pool", "logsumexp"):
             v = values[0]  # a maximum's second value is its number of ties
-            if self.kind == "pool" or self.keepdim:
-                return v
-            return v.reshape(()) if self.dims is None else v.squeeze(self.dims)
+            return v if self.kind == "pool" else self._drop(v)
         x = self.input
         assert x is not None
         if self.kind in ("softmax", "log_softmax"):
@@ -198,6 +218,29 @@ def match(func: Any, args: tuple, kwargs: dict) -> GlobalCall | None:
         if not dims:
             return None
         return GlobalCall("logsumexp", x, dims=dims, keepdim=bool(bound.get("keepdim", False)))
+    if func in _VARIANCES:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return None
+        rest = list(args[1:])
+        if rest and isinstance(rest[0], bool):  # var(x, unbiased)
+            bound = {"unbiased": rest[0]}
+        else:
+            bound = dict(zip(("dim", "unbiased", "keepdim"), rest))
+        bound.update(kwargs)
+        dims = _dims(bound.get("dim"), x.dim())
+        if bound.get("dim") is not None and not dims:
+            return None
+        correction = bound.get("correction")
+        if correction is None:
+            correction = 1.0 if bound.get("unbiased", True) else 0.0
+        return GlobalCall(
+            _VARIANCES[func],
+            x,
+            dims=dims,
+            keepdim=bool(bound.get("keepdim", False)) and dims is not None,
+            correction=float(correction),
+        )
     if func in _MATMULS:
         a = args[0] if args else kwargs.get("input")
         b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
@@ -319,6 +362,7 @@ class Barrier:
     unmerge: Unmerge | None = None  # the model flattened the map's spatial dims: undo it
     bins: tuple[int, ...] | None = None  # adaptive average pooling to a grid of bins
     strides: tuple[Fraction, ...] = ()  # of the map (input pixels per position), for bins
+    correction: float = 0.0  # a variance divides by its positions minus this (normalisations: 0)
     source: int | None = None  # the recorded tensor it reads (barriers on one map share it)
 
     def reads_as(self, other: Barrier) -> bool:
@@ -351,7 +395,7 @@ class Barrier:
     @property
     def moments(self) -> bool:
         """Whether it needs a variance besides the mean."""
-        return self.kind in ("group", "instance", "batch")
+        return self.kind in ("group", "instance", "batch", *VARIANCE_KINDS)
 
     @property
     def n_values(self) -> int:
@@ -424,6 +468,10 @@ class Barrier:
             "logsumexp": "log-sum-exp over all positions",
             "contract": "matrix product summing over all positions",
             "bins": f"average pooling to {self.bins} bins",
+            "var": "variance over all positions",
+            "std": "standard deviation over all positions",
+            "var_mean": "variance and mean over all positions",
+            "std_mean": "standard deviation and mean over all positions",
         }[self.kind]
         return f"{what} in {self.layer}"
 
@@ -516,7 +564,7 @@ class Reduction:
             v = self.total if b.summed else self.total / b.count
             return (v.to(b.dtype),)
         assert self.m2 is not None
-        return self.total.to(b.dtype), (self.m2 / b.count).to(b.dtype)
+        return self.total.to(b.dtype), (self.m2 / (b.count - b.correction)).to(b.dtype)
 
     def unbiased_var(self) -> torch.Tensor:
         assert self.m2 is not None
@@ -582,7 +630,7 @@ def surrogate(
     mean = values[0].detach()
     c_mean, c_var = cots
     alpha = None if c_mean is None else c_mean.detach() / n
-    beta = None if c_var is None else c_var.detach() / n
+    beta = None if c_var is None else c_var.detach() / (n - barrier.correction)
 
     def phi_moments(h: torch.Tensor) -> torch.Tensor:
         out = torch.zeros((), dtype=h.dtype, device=h.device)

@@ -37,7 +37,7 @@ from ._compat import (
 )
 from ._errors import InputError, TilefnError, TraceError, UnsupportedLayerError, see_docs
 from ._geometry import AlignedUpsample, Circular, DimMap, Graph, Identity, Node, Op
-from ._global import LSE_KINDS, Barrier, GlobalCall, GlobalOps, Unmerge
+from ._global import LSE_KINDS, VARIANCE_KINDS, Barrier, GlobalCall, GlobalOps, Unmerge
 from ._positions import AlignedCall, interpolate_arguments, is_aligned
 from ._rules import Layout, OpCall, Refuse, TensorArg, get_rule, has_spatial, ns
 from ._view_rules import VIEW_RULES  # noqa: F401 - importing registers the built-in rules
@@ -502,14 +502,21 @@ class _Discovery:
         assert x is not None
         layout = rec.layouts[node]
         spatial = [i for i, dim in enumerate(layout) if has_spatial(dim)]
-        if call.kind in ("mean", "sum", "max", "pool", "contract", *LSE_KINDS):
+        if call.kind in ("mean", "sum", "max", "pool", "contract", *LSE_KINDS, *VARIANCE_KINDS):
             dims = call.dims if call.dims is not None else tuple(range(x.dim()))
             if not set(spatial) <= set(dims):
                 return None  # over channels only (local), or over some positions (refused)
             dtype = call.dtype or x.dtype
             if all(len(layout[i]) == 1 for i in spatial):
                 return Barrier(
-                    call.kind, rec.where(), tuple(x.shape), tuple(dims), None, dtype, source=node
+                    call.kind,
+                    rec.where(),
+                    tuple(x.shape),
+                    tuple(dims),
+                    None,
+                    dtype,
+                    source=node,
+                    correction=call.correction,
                 )
             if call.kind == "pool":
                 raise self._refuse(
@@ -646,15 +653,28 @@ class _Discovery:
             pos += len(dim)
         if math.prod(shape) != x.numel():  # pragma: no cover - the layout lists every factor
             raise self._refuse(call, "reduces a map tilefn cannot unflatten", "report this")
-        return Barrier(call.kind, rec.where(), shape, tuple(reduce), None, dtype, unmerge=unmerge)
+        return Barrier(
+            call.kind,
+            rec.where(),
+            shape,
+            tuple(reduce),
+            None,
+            dtype,
+            unmerge=unmerge,
+            source=node,
+            correction=call.correction,
+        )
 
 
 class _FunctionMode(TorchFunctionMode):
-    """Sees two functionals before aten decomposes them: ``F.pad(..., mode="circular")``
+    """Sees calls before aten decomposes them: ``x.repeat`` of a constant (a broadcast where
+    it repeats dims of size 1), ``F.pad(..., mode="circular")``
     (which aten turns into in-place writes into slices; recorded as one op) and
-    ``F.interpolate`` (which, under deterministic algorithms, decomposes linear modes into
-    gathers; the geometry is the same, so it records the plain kernel, with deterministic
-    algorithms switched off for that one call only)."""
+    ``F.interpolate``: each call gets one entry in ``rec.aligned`` (an aligned interpolation
+    of a map or a constant grid interpolated to a map's size, computed at each crop's place;
+    None for the others), and under deterministic algorithms, which decompose linear modes
+    into gathers of the same geometry, the plain kernel is recorded, with deterministic
+    algorithms switched off for that one call only."""
 
     def __init__(self, rec: _Recorder):
         super().__init__()
@@ -672,6 +692,14 @@ class _FunctionMode(TorchFunctionMode):
                 and id(x) in self.rec.node_of
             ):
                 return self.rec.circular_pad(x, list(bound["pad"]), lambda: func(*args, **kwargs))
+        if func is torch.Tensor.repeat and args and id(args[0]) not in self.rec.node_of:
+            x = args[0]
+            reps = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            reps = tuple(kwargs.get("repeats", reps))
+            if len(reps) == x.dim() and all(r == 1 or s == 1 for r, s in zip(reps, x.shape)):
+                # A constant repeated only along dims of size 1 (a pooled summary repeated to
+                # the map's size) is a broadcast, which every crop reproduces at its size.
+                return x.expand(tuple(r * s for r, s in zip(reps, x.shape)))
         if func is F.interpolate:  # exactly one entry in rec.aligned per call
             bound = interpolate_arguments(args, kwargs)
             x = bound.get("input")

@@ -288,6 +288,14 @@ def _reduce(call: OpCall) -> OpGeometry:
         dims = [dims]
     dims = {d % n for d in dims} if n else set()
     if any(has_spatial(t.layout[d]) for d in dims):
+        every = {a for d in dims for a in t.layout[d] if a >= 0} == set(range(call.ndim))
+        if not every:  # along some position axes only: each output reads a whole row
+            raise Refuse(
+                "reduces over some of the spatial dims only (a mean along rows or columns, "
+                "strip pooling), so each output depends on a whole row or column of the image",
+                "reduce over all spatial dims in one call (x.mean((2, 3)), which streams "
+                "exactly as a whole-image statistic), or move it into the head",
+            )
         raise Refuse(
             "reduces over spatial dims (global pooling / a statistic over the whole image), "
             "so each output depends on every pixel",
