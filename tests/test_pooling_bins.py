@@ -6,6 +6,8 @@ in float64, every convolution on at most tile_size pixels (``check_exact``)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +102,27 @@ def test_a_grid_upsampled_by_nearest_neighbours_is_refused():
     net = nn.Sequential(conv(3, 4), NearestGrid(), conv(4, 2)).double()
     with pytest.raises(tilefn.UnsupportedLayerError, match="NearestGrid.*mode='nearest'"):
         tilefn.streamify(net, 32)[0](torch.randn(1, 3, 64, 64, dtype=torch.float64))
+
+
+def test_pyramid_pooling_on_a_mostly_constant_image_is_exact():
+    """Background crops (constant input) share one computation in translation-equivariant
+    passes; the bins' backward weighs every position by the bins that hold it (it depends on
+    the place), so its pass computes every crop. Output and every gradient exact."""
+    torch.manual_seed(0)
+    net = _net(True).double()
+    x = torch.zeros(1, 3, 200, 184, dtype=torch.float64)
+    x[:, :, 30:80, 50:110] = torch.randn(1, 3, 50, 60, dtype=torch.float64)
+    ref = copy.deepcopy(net)
+    xr = x.clone().requires_grad_()
+    y = ref(xr)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    backbone, _ = tilefn.streamify(net, 48)
+    out = backbone(x)  # the input needs no gradient: the passes may share constant crops
+    (out * g).sum().backward()
+    torch.testing.assert_close(out, y, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    # No pass shares a crop here: the interpolated grid and the bins' weights both depend on
+    # the place (with sharing, the bins' pass gave a wrong gradient of 0.bias).
+    assert backbone.last_stats["backward"].computed == backbone.last_stats["backward"].crops

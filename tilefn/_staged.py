@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -291,7 +291,13 @@ class StagedProgram:
         calls = found.global_calls
         self.stages = [_Stage(model, self.barriers, calls, k) for k in range(len(self.barriers))]
         self.stages.append(_Stage(model, self.barriers, calls, None))
-        self.executors = [Executor(s, options) for s in self.stages]
+        # A pooling to bins pulls its cotangents back with weights that depend on the place
+        # (the bins that hold each position), so its pass cannot share background crops.
+        placed = {self.leaders[k] for k, b in enumerate(self.barriers) if b.bins is not None}
+        self.executors = [
+            Executor(s, replace(options, skip_constant=False) if k in placed else options)
+            for k, s in enumerate(self.stages)
+        ]
         self._caches = [PlanCache() for _ in self.stages]
 
     def plan(
