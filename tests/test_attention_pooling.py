@@ -175,3 +175,46 @@ def test_timm_gcresnext_streams_exactly():
     net = timm.create_model("gcresnext26ts", pretrained=False, features_only=True, out_indices=(2,))
     plan = check_exact(_LastFeature(net).eval(), (1, 3, 192, 160), 128)
     assert [b.kind for b in plan.barriers].count("softmax") == 4
+
+
+class EinsumPool(nn.Module):
+    """Attention pooling and a channel Gram matrix written with einsum."""
+
+    def __init__(self, c: int, spelling: str):
+        super().__init__()
+        self.score, self.out = nn.Conv2d(c, 1, 1), nn.Conv2d(c, c, 1)
+        self.spelling = spelling
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        if self.spelling == "flattened":
+            weights = self.score(x).flatten(1).softmax(-1)
+            context = torch.einsum("bcn,bn->bc", x.flatten(2), weights)
+        elif self.spelling == "spatial":
+            weights = self.score(x).flatten(1).softmax(-1).view(b, h, w)
+            context = torch.einsum("b c h w, b h w -> b c", x, weights)
+        else:  # style statistics: the Gram matrix of the channels over positions
+            f = x.flatten(2)
+            context = torch.einsum("bcn,bdn->bcd", f, f).mean(-1) / 1000.0
+        return x + self.out(context[:, :, None, None])
+
+
+@pytest.mark.parametrize("spelling", ["flattened", "spatial", "gram"])
+def test_einsum_contractions_over_positions_stream_exactly(spelling):
+    net = nn.Sequential(conv(3, 8), EinsumPool(8, spelling), conv(8, 4))
+    plan = check_exact(net, SHAPE, 32)
+    assert plan.barriers[-1].kind == "contract"
+
+
+class EinsumAttention(nn.Module):
+    def forward(self, x):
+        b, c, h, w = x.shape
+        f = x.flatten(2)
+        attn = torch.einsum("bcn,bcm->bnm", f, f).softmax(-1)
+        return torch.einsum("bcm,bnm->bcn", f, attn).view(b, c, h, w)
+
+
+def test_attention_written_with_einsum_stays_refused():
+    net = nn.Sequential(conv(3, 8), EinsumAttention(), conv(8, 4)).double()
+    with pytest.raises(tilefn.UnsupportedLayerError, match="EinsumAttention"):
+        tilefn.streamify(net, 32)[0](torch.randn(1, 3, 64, 64, dtype=torch.float64))

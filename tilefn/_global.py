@@ -107,18 +107,31 @@ class GlobalCall:
     eps: float = 1e-5
     batch_stats: bool = False  # normalises with statistics of its input (F.batch_norm training)
     running: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-    operands: tuple[torch.Tensor, torch.Tensor] | None = None  # of a matmul
+    operands: tuple[torch.Tensor, torch.Tensor] | None = None  # of a matmul or einsum
+    subscripts: tuple[str, str, str] | None = None  # of an einsum: its two inputs and output
     bins: tuple[int, ...] | None = None  # adaptive average pooling to this grid
     correction: float = 0.0  # of a variance: the divisor is positions - correction
 
     def product(self) -> torch.Tensor:
         """A matmul ``a @ b`` (``(..., M, P) @ (..., P, N)``) as a reduction: the map
         ``a[..., :, :, None] * b[..., None, :, :]`` of shape ``(..., M, P, N)``, whose sum over
-        ``P`` (dim -2) is the product. Built only where the contraction is over positions
-        (the map is then no larger than ``M * N`` times the positions)."""
+        ``P`` (dim -2) is the product. An einsum likewise: the product over every index of
+        both operands (:meth:`full`), whose sum over the indices the output drops is the
+        einsum. Built only where the contraction is over positions."""
         assert self.operands is not None
         a, b = self.operands
+        if self.subscripts is not None:
+            ia, ib, _ = self.subscripts
+            full = self.full()
+            return _aligned(a, ia, full) * _aligned(b, ib, full)
         return a.unsqueeze(-1) * b.unsqueeze(-3)
+
+    def full(self) -> str:
+        """An einsum's indices in the product map: the first operand's, then the second's new
+        ones."""
+        assert self.subscripts is not None
+        ia, ib, _ = self.subscripts
+        return ia + "".join(c for c in dict.fromkeys(ib) if c not in ia)
 
     def _drop(self, v: torch.Tensor) -> torch.Tensor:
         """A statistic (reduced dims kept, of size 1) without them, unless ``keepdim``."""
@@ -129,7 +142,12 @@ class GlobalCall:
     def apply(self, values: Sequence[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """What the call computes, given the exact statistics of its input: local work only."""
         if self.kind == "contract":
-            return values[0].squeeze(-2)
+            if self.subscripts is None:
+                return values[0].squeeze(-2)
+            full, out = self.full(), self.subscripts[2]
+            kept = "".join(c for c in full if c in out)
+            dropped = tuple(i for i, c in enumerate(full) if c not in out)
+            return torch.einsum(f"{kept}->{out}", values[0].squeeze(dropped))
         if self.kind == "bins":
             return values[0]
         if self.kind in VARIANCE_KINDS:  # values: the mean and the corrected variance
@@ -218,6 +236,8 @@ def match(func: Any, args: tuple, kwargs: dict) -> GlobalCall | None:
         if not dims:
             return None
         return GlobalCall("logsumexp", x, dims=dims, keepdim=bool(bound.get("keepdim", False)))
+    if func is torch.einsum:
+        return _einsum(args, kwargs)
     if func in _VARIANCES:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
@@ -302,6 +322,46 @@ def match(func: Any, args: tuple, kwargs: dict) -> GlobalCall | None:
             running=(bound.get("running_mean"), bound.get("running_var")),
         )
     return None
+
+
+def _aligned(t: torch.Tensor, indices: str, full: str) -> torch.Tensor:
+    """``t`` (one dim per index) with its dims in the order of ``full``, and a dim of size 1
+    for each index it lacks (views only), so that operands multiply by broadcasting."""
+    order = sorted(range(len(indices)), key=lambda i: full.index(indices[i]))
+    t = t.permute(order)
+    for pos, c in enumerate(full):
+        if c not in indices:
+            t = t.unsqueeze(pos)
+    return t
+
+
+def _einsum(args: tuple, kwargs: dict) -> GlobalCall | None:
+    """An einsum of two operands with explicit indices (no ``...``, each index once per
+    operand), as a contraction (whether over positions is the tracer's to decide)."""
+    if kwargs or not args or not isinstance(args[0], str):
+        return None
+    ops = args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if len(ops) != 2 or not all(isinstance(t, torch.Tensor) for t in ops):
+        return None
+    eq = args[0].replace(" ", "")
+    if "." in eq:
+        return None
+    lhs, arrow, out = eq.partition("->")
+    parts = lhs.split(",")
+    if len(parts) != 2 or not all(p.isalpha() for p in parts):
+        return None
+    ia, ib = parts
+    if not arrow:  # implicit output: the indices that appear once, in order
+        out = "".join(sorted(c for c in set(ia + ib) if (ia + ib).count(c) == 1))
+    if not out.isalpha() and out:
+        return None
+    if any(len(set(p)) != len(p) for p in (ia, ib, out)) or set(out) - set(ia + ib):
+        return None
+    if len(ia) != ops[0].dim() or len(ib) != ops[1].dim():
+        return None
+    return GlobalCall("contract", None, operands=(ops[0], ops[1]), subscripts=(ia, ib, out))
 
 
 @dataclass(frozen=True)

@@ -494,7 +494,11 @@ class _Discovery:
             if not self._contracts_positions(call):
                 return None  # over channels (local), or not a reduction (refused by its rule)
             call.input = call.product()
-            call.dims = (call.input.dim() - 2,)
+            if call.subscripts is None:
+                call.dims = (call.input.dim() - 2,)
+            else:
+                out = call.subscripts[2]
+                call.dims = tuple(i for i, c in enumerate(call.full()) if c not in out)
         x = call.input
         node = rec.node_of.get(id(x)) if isinstance(x, torch.Tensor) else None
         if node is None:
@@ -594,10 +598,10 @@ class _Discovery:
         )
 
     def _contracts_positions(self, call: GlobalCall) -> bool:
-        """Whether a matmul ``a @ b`` sums over positions and keeps none: both operands are
-        computed from the image, the contracted dims hold the same positions, and no other
-        dim holds any (a product that keeps positions while summing over them is attention,
-        which its rule refuses)."""
+        """Whether a matmul ``a @ b`` (or a two-operand einsum) sums over positions and keeps
+        none: both operands are computed from the image, the contracted dims hold the same
+        positions, and no other dim holds any (a product that keeps positions while summing
+        over them is attention, which its rule refuses)."""
         rec = self.rec
         assert call.operands is not None
         a, b = call.operands
@@ -605,6 +609,16 @@ class _Discovery:
         if any(n is None for n in nodes):
             return False
         la, lb = (rec.layouts[n] for n in nodes)  # type: ignore[index]
+        if call.subscripts is not None:
+            ia, ib, out = call.subscripts
+            dims = {**dict(zip(ib, lb)), **dict(zip(ia, la))}
+            spatial = {c for c, d in dims.items() if has_spatial(d)}
+            both = set(ia) & set(ib)
+            return (
+                bool(spatial)
+                and not spatial & set(out)
+                and all(c in both and dict(zip(ia, la))[c] == dict(zip(ib, lb))[c] for c in spatial)
+            )
         if not has_spatial(la[-1]) or la[-1] != lb[-2]:
             return False
         rest = (*la[:-1], *lb[:-2], lb[-1])
