@@ -3,10 +3,15 @@ statistics, and the exact reductions and their cotangents.
 
 Squeeze-excitation, image-pooling branches, GroupNorm, InstanceNorm and BatchNorm with batch
 statistics need a statistic of the whole map ``h`` they read: a mean (or sum) over all
-positions, or a mean and a variance per group. Given the statistic, what they compute is
-local: ``x * s(mean)``, ``(x - mean) * rsqrt(var + eps) * w + b``. So the model is local once
-the statistics are fixed values, and the statistics are exact reductions of maps that are
-themselves local functions of the image (see ``_staged``).
+positions, or a mean and a variance per group. So do a maximum (CBAM), a variance, a softmax
+over all positions (a log-sum-exp: GCNet's attention pooling), a matrix product that sums
+over positions (the product map's sum), and adaptive pooling to a grid of bins (PSPNet: a
+sum per bin, each block adding to the bins it overlaps at its place). Given the statistic,
+what they compute is local: ``x * s(mean)``, ``(x - mean) * rsqrt(var + eps) * w + b``,
+``exp(x - lse)``. So the model is local once the statistics are fixed values, and the
+statistics are exact reductions of maps that are themselves local functions of the image
+(see ``_staged``). Where the model flattened the map's positions first (``x.flatten(2)``),
+:class:`Unmerge` says how a stage gives the map its spatial dims back.
 
 :class:`GlobalOps` is a ``TorchFunctionMode`` (above autograd, so the rewrite is
 differentiable in the statistics) that sees every call of the functions :func:`match`

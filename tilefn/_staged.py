@@ -1,5 +1,6 @@
-"""Staged streaming: models with whole-image ops (squeeze-excitation, image pooling,
-GroupNorm, InstanceNorm, BatchNorm with batch statistics), streamed exactly.
+"""Staged streaming: models with whole-image ops (squeeze-excitation, image pooling to 1 or
+to bins, GroupNorm, InstanceNorm, BatchNorm with batch statistics, attention pooling),
+streamed exactly.
 
 The trace (with ``batch_stats`` given) finds the *barriers*: ops whose statistic spans every
 position of a map ``h_k``. Fix the statistics ``s_1..s_K`` and the model is local, so it
@@ -19,7 +20,9 @@ statistics before it. So:
 
 Every step is an exact streamed pass, so the result equals the plain model's. The cost is
 one streamed pass per barrier up to that barrier, forward and backward, on top of the
-model's own; memory stays that of one crop plus the statistics (bytes).
+model's own (barriers that read the same map share one: its blocks go to every reduction,
+and the backward pulls the sum of their surrogates back); memory stays that of one crop plus
+the statistics (bytes).
 """
 
 from __future__ import annotations
