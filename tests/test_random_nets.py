@@ -10,6 +10,9 @@ checks, for a random image size, batch and tile size, that:
 * ``streamed_vjp(x, c)`` (saliency=True) gives every parameter gradient and the
   input gradient of ``<c, model(x)>`` as computed by ``torch.autograd``.
 
+The staged variants insert whole-image ops (squeeze-excitation, GroupNorm, a variance,
+softmax attention pooling, pooling to bins) anywhere in such nets.
+
 A second family checks ``tilefn.plan`` alone: crops lie inside the image, no crop
 side exceeds the tile size, the overlap factor agrees with the crops.
 
@@ -91,6 +94,41 @@ class Concat(nn.Module):
 
 # --------------------------------------------------------------------------- specs
 # A spec is a tuple ("kind", {params}); the builder turns it into a module.
+
+
+class GlobalBlock(nn.Module):
+    """A whole-image op without parameters (any channels, any rank), streamed by staged
+    streaming: a squeeze-excitation gate, a one-group GroupNorm, a normalisation by hand with
+    ``var``, GCNet-style softmax attention pooling over the flattened positions, or pooling to
+    ``bins`` interpolated back linearly."""
+
+    def __init__(self, fn: str, bins: tuple[int, ...] = (), align: bool = False) -> None:
+        super().__init__()
+        self.fn, self.bins, self.align = fn, bins, align
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, x.dim()))
+        if self.fn == "se":
+            return x * torch.sigmoid(x.mean(dims, keepdim=True))
+        if self.fn == "groupnorm":
+            return nn.functional.group_norm(x, 1)
+        if self.fn == "var":
+            m, v = x.mean(dims, keepdim=True), x.var(dims, keepdim=True, correction=0)
+            return (x - m) / (v + 1).sqrt()
+        if self.fn == "attention":
+            b, c = x.shape[:2]
+            weights = torch.softmax(x.mean(1).flatten(1), dim=-1)  # (b, positions)
+            context = torch.bmm(x.flatten(2), weights.unsqueeze(-1))  # (b, c, 1)
+            return x + context.view(b, c, *[1] * len(dims))
+        pool = getattr(nn.functional, f"adaptive_avg_pool{len(dims)}d")
+        mode = LINEAR_MODE[len(dims)]
+        up = nn.functional.interpolate(
+            pool(x, self.bins), size=x.shape[2:], mode=mode, align_corners=self.align
+        )
+        return x + up
+
+    def extra_repr(self) -> str:
+        return f"{self.fn!r}, bins={self.bins}, align={self.align}"
 
 
 def _per_dim(ndim: int, lo: int, hi: int) -> st.SearchStrategy[tuple[int, ...]]:
@@ -324,6 +362,8 @@ def build(ndim: int, specs: list[tuple[str, dict]]) -> nn.Module:
             else:
                 shortcut = CONV[ndim](spec["cin"], spec["cout"], ones, twos, bias=False)
             return Residual(body, shortcut)
+        if kind == "global":
+            return GlobalBlock(spec["fn"], tuple(spec.get("bins", ())), spec.get("align", False))
         if kind == "concat":
             a = _conv(ndim, spec["a"])
             b = spec["b"]
@@ -341,11 +381,28 @@ def build(ndim: int, specs: list[tuple[str, dict]]) -> nn.Module:
 
 
 @st.composite
+def global_specs(draw: Any, ndim: int) -> tuple[str, dict]:
+    fn = draw(st.sampled_from(["se", "groupnorm", "var", "attention", "bins"]))
+    spec: dict[str, Any] = {"fn": fn}
+    if fn == "bins":
+        spec["bins"] = draw(st.tuples(*[st.integers(1, 6)] * ndim))
+        spec["align"] = draw(st.booleans())
+    return ("global", spec)
+
+
+@st.composite
 def cases(
-    draw: Any, ndim: int, size: tuple[int, int], tile: tuple[int, int], max_layers: int = 6
+    draw: Any,
+    ndim: int,
+    size: tuple[int, int],
+    tile: tuple[int, int],
+    max_layers: int = 6,
+    max_globals: int = 0,
 ) -> dict[str, Any]:
     cin = draw(st.integers(1, 3))
     specs = draw(layer_specs(ndim, cin, max_layers))
+    for _ in range(draw(st.integers(1, max_globals)) if max_globals else 0):
+        specs.insert(draw(st.integers(0, len(specs))), draw(global_specs(ndim)))
     shape = (draw(st.integers(1, 2)), cin, *draw(_per_dim(ndim, *size)))
     if draw(st.booleans()):
         tile_size: Any = draw(st.integers(*tile))
@@ -407,12 +464,19 @@ def _stated_minimum(err: Exception, ndim: int) -> tuple[int, ...]:
     return nums * ndim if len(nums) == 1 else nums
 
 
-def assert_scaled_close(actual: Any, expected: torch.Tensor, what: str) -> None:
+def _finite_max(t: torch.Tensor) -> float:
+    finite = t[t.isfinite()]
+    return finite.abs().max().item() if finite.numel() else 0.0
+
+
+def assert_scaled_close(
+    actual: Any, expected: torch.Tensor, what: str, scale: float | None = None
+) -> None:
+    """Close to 1e-10 of ``scale`` (by default the expected tensor's max abs value)."""
     assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual)}"
     # Random nets can produce -inf (max pooling over a window that lies in the padding) and
     # then nan (gelu(-inf)); the streamed result must have them in the same places.
-    finite = expected[expected.isfinite()]
-    scale = finite.abs().max().item() if finite.numel() else 0.0
+    scale = _finite_max(expected) if scale is None else scale
     torch.testing.assert_close(
         actual,
         expected,
@@ -476,8 +540,13 @@ def check_case(case: dict[str, Any]) -> None:
     param_grads, input_grad = streamed.vjp(x, cot)
     ref_pg, ref_gx = reference_vjp(model, x, cot)
     assert set(param_grads) == set(ref_pg), (sorted(param_grads), sorted(ref_pg))
+    # A whole-image normalisation makes the gradient of a bias before it zero in exact
+    # arithmetic (rounding on both sides): with whole-image ops, every parameter gradient is
+    # compared on the scale of the largest.
+    staged = any(kind == "global" for kind, _ in case["specs"])
+    largest = max((_finite_max(g) for g in ref_pg.values()), default=0.0) if staged else None
     for name, g in ref_pg.items():
-        assert_scaled_close(param_grads[name], g, f"param grad {name!r}")
+        assert_scaled_close(param_grads[name], g, f"param grad {name!r}", largest)
     assert_scaled_close(input_grad, ref_gx, "input grad (saliency)")
 
 
@@ -497,6 +566,26 @@ def test_random_net_1d(case: dict[str, Any]) -> None:
 @settings(max_examples=50, **FAST)
 @given(case=cases(ndim=3, size=(10, 20), tile=(6, 20), max_layers=3))
 def test_random_net_3d(case: dict[str, Any]) -> None:
+    check_case(case)
+
+
+@settings(max_examples=25, **FAST)
+@given(case=cases(ndim=2, size=(20, 90), tile=(8, 96), max_layers=4, max_globals=2))
+def test_random_staged_net_2d(case: dict[str, Any]) -> None:
+    """Random nets with whole-image ops (staged streaming) inserted anywhere."""
+    check_case(case)
+
+
+@settings(max_examples=20, **FAST)
+@given(case=cases(ndim=1, size=(20, 200), tile=(4, 200), max_layers=4, max_globals=2))
+def test_random_staged_net_1d(case: dict[str, Any]) -> None:
+    check_case(case)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=HEALTH)
+@given(case=cases(ndim=2, size=(20, 90), tile=(8, 96), max_layers=8, max_globals=3))
+@pytest.mark.slow
+def test_random_staged_net_2d_slow(case: dict[str, Any]) -> None:
     check_case(case)
 
 

@@ -543,3 +543,23 @@ def test_a_mean_along_rows_only_is_refused_with_the_fix():
     net = nn.Sequential(conv(3, 4), _RowMean(), conv(4, 4)).double()
     with pytest.raises(tilefn.UnsupportedLayerError, match=r"some of the spatial dims.*x.mean"):
         tilefn.streamify(net, 32)[0](torch.randn(*SHAPE, dtype=torch.float64))
+
+
+def test_the_stated_minimum_tile_of_a_staged_model_covers_every_stage():
+    """Each stage streams with its own receptive field (here the pass up to the gate needs a
+    taller tile than 8 and the whole model a wider one): the minimum the error states is the
+    largest of theirs, and it streams."""
+    net = nn.Sequential(
+        nn.Upsample(scale_factor=2.0, mode="nearest"),
+        nn.Conv2d(1, 1, 1, stride=(2, 1), bias=False),
+        nn.Upsample(scale_factor=2.0, mode="bilinear"),
+        nn.AvgPool2d((1, 1), (3, 2)),
+        nn.AvgPool2d((4, 1), 1),
+        SpatialSum(),
+        nn.Conv2d(1, 1, (1, 3), padding=(0, 1), bias=False),
+    ).double()
+    x = torch.randn(1, 1, 20, 20, dtype=torch.float64)
+    with pytest.raises(tilefn.TileSizeError, match=r"staged passes.*tile_size >= \(11, 3\)"):
+        tilefn.streamify(net, 8)[0](x)
+    backbone, _ = tilefn.streamify(net, (11, 3))
+    torch.testing.assert_close(backbone(x), net(x), rtol=1e-12, atol=1e-12)

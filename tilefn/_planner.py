@@ -433,7 +433,9 @@ class _Planner:
             else:
                 msg += f"Use tile_size >= {need} for input shape {self.input_shape}."
                 msg += self._sensible_advice(minimum)
-            raise TileSizeError(msg) from None
+            err = TileSizeError(msg)
+            err.minimum = tuple(minimum)  # type: ignore[attr-defined]
+            raise err from None
         spans = tuple(tuple(s for s, _ in sn) for sn in spans_needs)
         # Check the sizes the model really produces on each distinct crop length.
         base = [max(s.length for s in spans[k]) for k in range(ndim)]

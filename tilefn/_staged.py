@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ._compat import requires_grad_allowed, share_registries
-from ._errors import PlanError
+from ._errors import PlanError, TileSizeError
 from ._execute import AutocastState, Executor, Kept, RngState
 from ._global import Barrier, GlobalCall, GlobalOps, Reduction, StopAtBarrier, surrogate
 from ._inputs import CropReader, ImageSource
@@ -308,14 +308,26 @@ class StagedProgram:
     ) -> tuple[StagedPlan, Trace]:
         plans: list[TilePlan] = []
         main_trace = None
+        too_small: list[TileSizeError] = []
+        minimum: list[tuple[int, ...]] = []
         for k, (stage, cache) in enumerate(zip(self.stages, self._caches)):
             if k < len(self.barriers) and self.leaders[k] != k:
                 plans.append(plans[self.leaders[k]])
                 continue
-            with stage.given([b.placeholder("cpu") for b in self.barriers]):
-                plan_, trace_ = cache.get(stage, shape, tile_size, dtype, budget)
+            try:
+                with stage.given([b.placeholder("cpu") for b in self.barriers]):
+                    plan_, trace_ = cache.get(stage, shape, tile_size, dtype, budget)
+            except TileSizeError as err:
+                if not hasattr(err, "minimum"):
+                    raise
+                too_small.append(err)
+                minimum.append(err.minimum)
+                continue
             plans.append(plan_)
+            minimum.append(tuple(plan_.min_tile_size))
             main_trace = trace_
+        if too_small:
+            raise _too_small(too_small, minimum, shape, tile_size)
         assert main_trace is not None
         prefixes = tuple(plans[:-1])
         return StagedPlan(self.barriers, prefixes, plans[-1], self.leaders), main_trace
@@ -476,6 +488,26 @@ class StagedProgram:
             for j, cs in enumerate(_unflat(got[n:], before)):
                 stat_cots[j] = tuple(_sum(a, b) for a, b in zip(stat_cots[j], cs))
         return grads, input_grad
+
+
+def _too_small(
+    errors: list[TileSizeError], minimum: list[tuple[int, ...]], shape: tuple[int, ...], tile: Any
+) -> TileSizeError:
+    """The error for a tile below the receptive field of some stage: each stage (the model up
+    to each whole-image op, then the whole model) streams with its own, and the tile must do
+    for all of them, so the stated minimum is the largest of theirs."""
+    need = tuple(max(m) for m in zip(*minimum))
+    if len(errors) == 1 and tuple(errors[0].minimum) == need:  # type: ignore[attr-defined]
+        return errors[0]
+    shown = need[0] if len(need) == 1 else need
+    err = TileSizeError(
+        f"streamify: tile_size {tile} is too small for this network's receptive field in its "
+        "staged passes (one up to each whole-image op, then the whole model, each with its "
+        f"own receptive field): Use tile_size >= {shown} for input shape {tuple(shape)}, "
+        "the largest of their minimums."
+    )
+    err.minimum = need  # type: ignore[attr-defined]
+    return err
 
 
 def _summed(phis: list) -> Any:
