@@ -545,6 +545,11 @@ def test_a_mean_along_rows_only_is_refused_with_the_fix():
         tilefn.streamify(net, 32)[0](torch.randn(*SHAPE, dtype=torch.float64))
 
 
+class _MeanAndMax(nn.Module):
+    def forward(self, x):
+        return x - x.mean((2, 3), keepdim=True) + x.amax((2, 3), keepdim=True)
+
+
 def test_the_stated_minimum_tile_of_a_staged_model_covers_every_stage():
     """Each stage streams with its own receptive field (here the pass up to the gate needs a
     taller tile than 8 and the whole model a wider one): the minimum the error states is the
@@ -555,7 +560,7 @@ def test_the_stated_minimum_tile_of_a_staged_model_covers_every_stage():
         nn.Upsample(scale_factor=2.0, mode="bilinear"),
         nn.AvgPool2d((1, 1), (3, 2)),
         nn.AvgPool2d((4, 1), 1),
-        SpatialSum(),
+        _MeanAndMax(),  # two barriers on one map: one shared pass
         nn.Conv2d(1, 1, (1, 3), padding=(0, 1), bias=False),
     ).double()
     x = torch.randn(1, 1, 20, 20, dtype=torch.float64)

@@ -306,7 +306,7 @@ class StagedProgram:
     def plan(
         self, shape: tuple[int, ...], tile_size: Any, dtype: torch.dtype, budget: int | None
     ) -> tuple[StagedPlan, Trace]:
-        plans: list[TilePlan] = []
+        plans: list[Any] = []  # per stage its plan (None where the tile is too small)
         main_trace = None
         too_small: list[TileSizeError] = []
         minimum: list[tuple[int, ...]] = []
@@ -322,6 +322,7 @@ class StagedProgram:
                     raise
                 too_small.append(err)
                 minimum.append(err.minimum)
+                plans.append(None)
                 continue
             plans.append(plan_)
             minimum.append(tuple(plan_.min_tile_size))
