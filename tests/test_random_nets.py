@@ -582,7 +582,7 @@ def test_random_staged_net_1d(case: dict[str, Any]) -> None:
     check_case(case)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=HEALTH)
+@settings(max_examples=150, deadline=None, suppress_health_check=HEALTH)
 @given(case=cases(ndim=2, size=(20, 90), tile=(8, 96), max_layers=8, max_globals=3))
 @pytest.mark.slow
 def test_random_staged_net_2d_slow(case: dict[str, Any]) -> None:
