@@ -126,3 +126,15 @@ def test_pyramid_pooling_on_a_mostly_constant_image_is_exact():
     # No pass shares a crop here: the interpolated grid and the bins' weights both depend on
     # the place (with sharing, the bins' pass gave a wrong gradient of 0.bias).
     assert backbone.last_stats["backward"].computed == backbone.last_stats["backward"].crops
+
+
+class TransposedBins(nn.Module):
+    def forward(self, x):
+        p = F.adaptive_avg_pool2d(x.transpose(2, 3), 2)
+        return x + p.mean()
+
+
+def test_bins_of_a_map_not_laid_out_as_n_c_spatial_are_refused():
+    net = nn.Sequential(conv(3, 4), TransposedBins(), conv(4, 2)).double()
+    with pytest.raises(tilefn.UnsupportedLayerError, match="TransposedBins.*pools to bins"):
+        tilefn.streamify(net, 32)[0](torch.randn(1, 3, 64, 64, dtype=torch.float64))

@@ -563,12 +563,9 @@ class Reduction:
         if b.bins is not None:  # per bin, the sum of the positions the block holds of it
             assert place is not None
             first = h.dim() - len(b.bins)
-            for d in range(len(b.bins)):
-                t = first + d
-                start = place[t].start or 0
-                w = b.bin_weights(d, start, h.shape[t]).to(h.device)
-                h = torch.movedim(torch.tensordot(h, w, dims=([t], [1])), -1, t)
-            self.total = h if self.total is None else self.total + h
+            starts = [place[first + d].start or 0 for d in range(len(b.bins))]
+            sums = _along_bins(b, h, starts, h.shape[first:], to_bins=True)
+            self.total = sums if self.total is None else self.total + sums
             return
         if b.groups is not None:
             n, c, *rest = h.shape
@@ -641,8 +638,10 @@ def surrogate(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A pointwise ``phi`` with ``sum(phi(h))`` having the gradient in ``h`` that the
     statistics' cotangents ``cots`` pull back to the map: ``c / n`` for a mean, ``c`` for a
-    sum, ``c * exp(h - lse)`` (the softmax) for a log-sum-exp, ``c / ties`` where ``h`` equals the maximum (and 0 elsewhere) for a maximum, and
-    ``(c_mean + 2 c_var (h - mean)) / n`` for a mean and a biased variance. The
+    sum, ``c * exp(h - lse)`` (the softmax) for a log-sum-exp, ``c / ties`` where ``h`` equals
+    the maximum (and 0 elsewhere) for a maximum, ``c_bin / count_bin`` summed over the bins
+    that hold a position for a pooling to bins, and ``(c_mean + 2 c_var (h - mean)) / n`` for
+    a mean and a variance (divided by ``n - correction`` for a corrected one). The
     backward of the map's prefix with cotangent one everywhere is then the exact vjp of the
     statistics (``mean`` enters ``phi`` as a constant: the variance's gradient through the
     mean is zero)."""
@@ -715,17 +714,28 @@ def bin_weights_at(barrier: Barrier, per_bin: torch.Tensor, h: torch.Tensor) -> 
     the sum of ``per_bin`` over the bins that hold the position. Outside a crop (the
     recording on the whole image) ``h`` is the whole map."""
     assert barrier.bins is not None
-    starts = crop_starts() or ((0,) * len(barrier.bins),)
-    first = h.dim() - len(barrier.bins)
+    lengths = h.shape[h.dim() - len(barrier.bins) :]
     pieces = []
-    for start in starts:
-        w = per_bin
-        for d in range(len(barrier.bins)):
-            origin = Fraction(start[d]) / barrier.strides[d]
-            m = barrier.bin_weights(d, int(origin), h.shape[first + d]).to(h.device)
-            w = torch.movedim(torch.tensordot(w, m, dims=([first + d], [0])), -1, first + d)
-        pieces.append(w)
+    for start in crop_starts() or ((0,) * len(barrier.bins),):
+        origins = [int(Fraction(a) / s) for a, s in zip(start, barrier.strides)]
+        pieces.append(_along_bins(barrier, per_bin.to(h.device), origins, lengths, to_bins=False))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _along_bins(
+    barrier: Barrier, t: torch.Tensor, starts: Sequence[int], lengths: Sequence[int], to_bins: bool
+) -> torch.Tensor:
+    """Along each pooled dim (the last ones of ``t``), multiply by the bin membership of the
+    positions ``starts[d]..starts[d] + lengths[d]`` (:meth:`Barrier.bin_weights`): from positions
+    to bins (``to_bins``: the sums per bin) or from bins to positions (the sum over the bins
+    that hold each position)."""
+    assert barrier.bins is not None
+    first = t.dim() - len(barrier.bins)
+    for d, (start, length) in enumerate(zip(starts, lengths)):
+        w = barrier.bin_weights(d, start, length).to(t.device)
+        axis = first + d
+        t = torch.movedim(torch.tensordot(t, w, dims=([axis], [1 if to_bins else 0])), -1, axis)
+    return t
 
 
 class StopAtBarrier(BaseException):

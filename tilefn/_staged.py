@@ -132,14 +132,13 @@ class StagedPlan:
     main: TilePlan
     # Per barrier, the barrier whose prefix stage streams its map: itself, or the first
     # barrier that reads the same map (PSPNet's four poolings of one map: one pass for all).
-    leaders: tuple[int, ...] = ()
+    leaders: tuple[int, ...]
 
     @property
     def stages(self) -> tuple[TilePlan, ...]:
         """The plans of the passes one forward streams: one per map that barriers read,
         then the whole model."""
-        leaders = self.leaders or tuple(range(len(self.prefixes)))
-        return (*(p for k, p in enumerate(self.prefixes) if leaders[k] == k), self.main)
+        return (*(p for k, p in enumerate(self.prefixes) if self.leaders[k] == k), self.main)
 
     @property
     def n_tiles(self) -> int:
@@ -191,12 +190,12 @@ class StagedPlan:
             f"({self.stat_bytes} bytes in all, no map stored), then the whole model; the "
             "backward runs the stages in reverse."
         ]
-        leaders = self.leaders or tuple(range(len(self.prefixes)))
         for k, (b, p) in enumerate(zip(self.barriers, self.prefixes)):
+            lead = self.leaders[k]
             stage = (
                 f"prefix stage {p.n_tiles} crops, overlap a = {p.overlap:.2f}"
-                if leaders[k] == k
-                else f"reduced in barrier {leaders[k] + 1}'s pass (the same map)"
+                if lead == k
+                else f"reduced in barrier {lead + 1}'s pass (the same map)"
             )
             lines.append(
                 f"  barrier {k + 1}: {b.describe()}, map {tuple(b.shape)}: stores "
@@ -288,8 +287,8 @@ class StagedProgram:
         # Barriers that read one map share the pass of the first of them (the map is computed
         # before any of them runs, so it depends on no statistic among them).
         self.leaders = tuple(
-            next(j for j in range(k + 1) if self.barriers[k].reads_as(self.barriers[j]) or j == k)
-            for k in range(len(self.barriers))
+            next((j for j in range(k) if b.reads_as(self.barriers[j])), k)
+            for k, b in enumerate(self.barriers)
         )
         calls = found.global_calls
         self.stages = [_Stage(model, self.barriers, calls, k) for k in range(len(self.barriers))]

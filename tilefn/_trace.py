@@ -611,13 +611,12 @@ class _Discovery:
         la, lb = (rec.layouts[n] for n in nodes)  # type: ignore[index]
         if call.subscripts is not None:
             ia, ib, out = call.subscripts
-            dims = {**dict(zip(ib, lb)), **dict(zip(ia, la))}
-            spatial = {c for c, d in dims.items() if has_spatial(d)}
-            both = set(ia) & set(ib)
+            da, db = dict(zip(ia, la)), dict(zip(ib, lb))
+            spatial = {c for c, d in (*da.items(), *db.items()) if has_spatial(d)}
             return (
                 bool(spatial)
                 and not spatial & set(out)
-                and all(c in both and dict(zip(ia, la))[c] == dict(zip(ib, lb))[c] for c in spatial)
+                and all(da.get(c) == db.get(c) for c in spatial)
             )
         if not has_spatial(la[-1]) or la[-1] != lb[-2]:
             return False
