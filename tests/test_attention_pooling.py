@@ -222,12 +222,64 @@ def test_attention_written_with_einsum_stays_refused():
 
 class SignalPool(nn.Module):
     def forward(self, x):
-        return x + torch.bmm(x, torch.softmax(x, -1).transpose(1, 2))
+        weights = torch.softmax(x[:, :1], -1)  # (b, 1, positions)
+        return x + torch.bmm(x, weights.transpose(1, 2))  # + (b, c, 1)
 
 
-def test_a_matmul_over_the_positions_of_a_signal_is_refused():
-    """Streamed, softmax weights then this bmm gave wrong gradients on 1-d signals (found by
-    the property test, cause not found yet): refused until fixed."""
-    net = nn.Sequential(nn.Conv1d(1, 1, 1), SignalPool()).double()
-    with pytest.raises(tilefn.UnsupportedLayerError, match="SignalPool.*1-d signal"):
-        tilefn.streamify(net, 4)[0](torch.randn(1, 1, 25, dtype=torch.float64))
+@pytest.mark.parametrize("shape,tile", [((1, 1, 25), 4), ((2, 3, 41), 8)])
+def test_a_matmul_over_the_positions_of_a_signal_streams(shape, tile):
+    """The 1-d chain softmax over positions then bmm summing over them (no flattening, so no
+    unmerged view): exact, gradients included."""
+    c = shape[1]
+    check_exact(nn.Sequential(nn.Conv1d(c, c, 1), SignalPool(), nn.Conv1d(c, c, 3)), shape, tile)
+
+
+class SignalContext(nn.Module):
+    """A 1-d signal plus its softmax-weighted sum (one channel): on a crop one position long,
+    autograd hands the statistic's gradient back as the cotangent crop itself."""
+
+    def forward(self, x):
+        weights = torch.softmax(x.mean(1), dim=-1)  # (b, positions)
+        return x + torch.bmm(x, weights.unsqueeze(-1))
+
+
+def test_the_cotangent_is_left_unchanged():
+    """streamed_vjp and the autograd path read the cotangent and never write into it (they
+    once accumulated a statistic's gradient into the cotangent crop autograd returned as
+    that gradient, changing the caller's tensor and so any gradient computed from it later)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(1, 1, 1), SignalContext()).double()
+    x = torch.randn(1, 1, 21, dtype=torch.float64)
+    cot = torch.randn(1, 1, 21, dtype=torch.float64)
+    kept = cot.clone()
+    streamed = tilefn.streamify(net, 4, saliency=True)
+    streamed.vjp(x, cot)
+    assert torch.equal(cot, kept)
+
+    seen: list[torch.Tensor] = []
+    copies: list[torch.Tensor] = []
+
+    def keep(g):
+        seen.append(g)
+        copies.append(g.clone())
+
+    out = streamed.backbone(x.clone().requires_grad_())
+    out.register_hook(keep)
+    (out * cot).sum().backward()
+    assert torch.equal(seen[0], copies[0])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 21, 9), (1, 1, 9, 21), (2, 1, 21, 5)])
+def test_attention_pooling_with_crops_one_position_long(shape):
+    """Crops one position long in a dim (an image one longer than a multiple of the tile):
+    flattening a crop with H = 1 gives the layout the whole image has ((H, W) merged), so the
+    positions' weights and the map line up (the recording once refused the product there)."""
+    check_exact(nn.Sequential(nn.Conv2d(1, 1, 1), SignalContext2d()), shape, 4)
+
+
+class SignalContext2d(nn.Module):
+    def forward(self, x):
+        b, c = x.shape[:2]
+        weights = torch.softmax(x.mean(1).flatten(1), dim=-1)  # (b, positions)
+        context = torch.bmm(x.flatten(2), weights.unsqueeze(-1))  # (b, c, 1)
+        return x + context.view(b, c, 1, 1)

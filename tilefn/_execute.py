@@ -556,10 +556,14 @@ class Executor:
 
 
 def _add(grads: list, got: Sequence[torch.Tensor | None]) -> None:
-    """``grads[k] += got[k]`` where ``got[k]`` is not None (None: no gradient yet)."""
+    """``grads[k] += got[k]`` where ``got[k]`` is not None (None: no gradient yet).
+
+    The first gradient is copied before anything is added to it in place: autograd can hand
+    back a tensor it did not make (the cotangent itself, where an output is a statistic
+    passed through unchanged), and the caller's tensors must not change."""
     for k, g in enumerate(got):
         if g is not None:
-            grads[k] = g if grads[k] is None else grads[k].add_(g)
+            grads[k] = g.clone() if grads[k] is None else grads[k].add_(g)
 
 
 @contextlib.contextmanager

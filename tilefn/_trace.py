@@ -493,13 +493,6 @@ class _Discovery:
         if call.kind == "contract":
             if not self._contracts_positions(call):
                 return None  # over channels (local), or not a reduction (refused by its rule)
-            if rec.ndim == 1:  # a known bug: softmax weights then this gave wrong gradients
-                raise self._refuse(
-                    call,
-                    "multiplies matrices summing over the positions of a 1-d signal, which "
-                    "tilefn does not stream yet",
-                    "compute the weighted sum as (x * weights).sum(-1), which streams",
-                )
             call.input = call.product()
             if call.subscripts is None:
                 call.dims = (call.input.dim() - 2,)

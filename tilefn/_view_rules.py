@@ -36,15 +36,19 @@ aten = torch.ops.aten
 def _view(call: OpCall) -> OpGeometry:
     """A view or reshape: the new dims take the atoms of the old layout in order.
 
-    Spatial dims of size 1 fit any size-1 dim, so they are placed by convention: a run of
-    size-1 new dims takes the size-1 spatial atoms that come next on its *last* dims (the
-    batch dim, size 1 and dropped from layouts, comes first), and a new dim of size > 1
-    takes the size-1 spatial atoms that follow it when the next new dim is not of size 1
-    (``(1, 64, 1, C) -> (64, C)`` keeps W with H).
+    Spatial dims of size 1 fit any size-1 dim, so they are placed by convention, the one that
+    gives a crop the layout the whole image has (where those dims are longer): size-1 spatial
+    atoms go with the spatial atom next to them, the one before where it is in a new dim of
+    size > 1 (``(1, 64, 1, C) -> (64, C)`` keeps W with H), else the one after where they
+    were separate dims (``(N, C, 1, W) -> (N, C, W)`` flattens H with W). Otherwise a run of
+    size-1 new dims takes them on its *last* dims (the batch dim, size 1 and dropped from
+    layouts, comes first; ``(N, H * W) -> (N, 1, W)`` splits H off again), and a new dim of
+    size > 1 takes those that follow it when the next new dim is not of size 1.
     """
     t: TensorArg = call.args["self"]
     new_shape = list(call.out_shapes[0])
     atoms = [a for dim in t.layout for a in dim if a != ns(1)]  # type: ignore[union-attr]
+    dim_of = [k for k, dim in enumerate(t.layout) for a in dim if a != ns(1)]  # type: ignore[union-attr]
     unit = lambda k: k < len(atoms) and atoms[k] >= 0 and atom_size(atoms[k], t.sizes) == 1  # noqa: E731
     out: list[tuple[int, ...]] = []
     i = j = 0
@@ -57,6 +61,16 @@ def _view(call: OpCall) -> OpGeometry:
             units = 0
             while units < run and unit(i + units):
                 units += 1
+            ahead = units
+            while unit(i + ahead):
+                ahead += 1
+            if (
+                j + run < len(new_shape)
+                and i + ahead < len(atoms)
+                and atoms[i + ahead] >= 0
+                and dim_of[i + ahead] != dim_of[i]
+            ):  # a flattening: they go with the spatial atom after them (H of 1 with W)
+                units = 0
             out += [(ns(1),)] * (run - units) + [(a,) for a in atoms[i : i + units]]
             i, j = i + units, j + run
             continue
@@ -82,7 +96,13 @@ def _view(call: OpCall) -> OpGeometry:
                     "the image, or splitting it into windows)",
                     "keep flatten/reshape over spatial dims in the head, after streaming",
                 )
-        if j + 1 == len(new_shape) or new_shape[j + 1] != 1:
+        ahead = i
+        while unit(ahead):
+            ahead += 1
+        follows = ahead < len(atoms) and atoms[ahead] >= 0 and j + 1 < len(new_shape)
+        if (j + 1 == len(new_shape) or new_shape[j + 1] != 1) and (
+            has_spatial(group) or not follows
+        ):
             while unit(i):
                 group.append(atoms[i])
                 i += 1
